@@ -1,0 +1,164 @@
+"""Command-line wiring: settings, logging, signals and process limits around the server.
+
+Only this module touches ``sys.argv``, the environment, logging configuration and signal
+handlers; ``server`` and ``protocol`` stay importable and testable without side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from . import __version__, config
+from .errors import SettingsError
+from .server import UpperServer, bind_error_message, format_address, make_server
+
+log = logging.getLogger("tcp_upper")
+
+#: Stack reserved per client thread. The handler's call depth is shallow; the 8 MiB default
+#: only inflates virtual memory at thousands of threads.
+THREAD_STACK_BYTES = 512 * 1024
+
+#: File descriptors kept for everything but clients (listening socket, logs, imports).
+RESERVED_FDS = 64
+
+#: SIGTERM/SIGINT must end the process within 2 s: time given to clients to leave in order.
+STOP_GRACE_SECONDS = 1.5
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def build_parser(prog: str, description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
+    """An argument parser with ``--version``, ``--env-file`` and a flag per setting."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    config.add_arguments(parser, names)
+    return parser
+
+
+def parse_settings(
+    parser: argparse.ArgumentParser, names: tuple[str, ...], argv: list[str] | None
+) -> config.Settings:
+    """Parse *argv* and resolve settings; a bad one exits 2 with one line (argparse style)."""
+    args = parser.parse_args(argv)
+    try:
+        return config.load_settings(args, names)
+    except SettingsError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        raise  # unreachable: parser.exit raises SystemExit
+
+
+def configure_logging(level: str) -> None:
+    """One line per event on stderr, with a timestamp."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def raise_open_file_limit(max_clients: int) -> None:
+    """Raise the soft open-file limit toward the hard one; warn if max_clients cannot fit."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_clients + RESERVED_FDS
+    target = wanted if hard == resource.RLIM_INFINITY else min(max(soft, wanted), hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("No se pudo subir el límite de ficheros abiertos a %d: %s", target, exc)
+    if soft < wanted:
+        log.warning(
+            "El límite de ficheros abiertos (%d) no alcanza para %d clientes: se atenderán unos "
+            "%d; suba 'ulimit -n' o baje --max-clients",
+            soft, max_clients, max(soft - RESERVED_FDS, 0),
+        )
+
+
+def tune_runtime() -> None:
+    """Process-wide settings for thousands of threads; called once, before serving."""
+    threading.stack_size(THREAD_STACK_BYTES)
+    # Objects alive at start-up never become garbage: keep full collections from re-scanning
+    # them, so pauses grow with the clients' objects only.
+    gc.collect()
+    gc.freeze()
+
+
+class _StopRequested(Exception):
+    """Raised in the main thread by SIGINT/SIGTERM to leave serve_forever() at once."""
+
+
+def _request_stop(signum: int, frame: FrameType | None) -> None:
+    # A second signal while stopping must not interrupt the orderly close.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _StopRequested(signal.Signals(signum).name)
+
+
+def serve(server: UpperServer) -> None:
+    """Serve until SIGINT/SIGTERM, then close every client in order (main thread only)."""
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    try:
+        log.info("Servidor escuchando en %s (máximo %d clientes)",
+                 format_address(server.server_address), server.max_clients)
+        server.serve_forever()
+    except _StopRequested as stop:
+        log.info("Señal %s: parando; %d clientes conectados", stop, server.active_clients)
+    finally:
+        if not server.close_clients(STOP_GRACE_SECONDS):
+            log.warning("%d clientes no terminaron a tiempo; se cierran", server.active_clients)
+        server.server_close()
+        log.info("Servidor parado")
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    """``python -m tcp_upper.server``: returns the exit status (0 stopped, 1 cannot listen)."""
+    parser = build_parser(
+        "tcp-upper-server",
+        "Servidor TCP que responde cada mensaje en mayúsculas; DESCONEXION cierra ese cliente.",
+        config.SERVER_SETTINGS,
+    )
+    settings = parse_settings(parser, config.SERVER_SETTINGS, argv)
+    configure_logging(settings.log_level)
+    raise_open_file_limit(settings.max_clients)
+    tune_runtime()
+    if settings.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(settings)
+    try:
+        server = make_server(
+            settings.host,
+            settings.port,
+            max_clients=settings.max_clients,
+            idle_timeout=settings.idle_timeout,
+            write_timeout=settings.write_timeout,
+        )
+    except OSError as exc:
+        log.error("%s", bind_error_message(exc, settings.host, settings.port))
+        return 1
+    serve(server)
+    return 0
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    """``python -m tcp_upper.client``: see ``tcp_upper.client.run_session``."""
+    from .client import run_session
+
+    parser = build_parser(
+        "tcp-upper-client",
+        "Cliente del servidor de mayúsculas: envía cada línea que escriba y muestra la "
+        "respuesta; DESCONEXION (o Ctrl-D) termina.",
+        config.CLIENT_SETTINGS,
+    )
+    settings = parse_settings(parser, config.CLIENT_SETTINGS, argv)
+    configure_logging(settings.log_level)
+    return run_session(settings.host, settings.port, settings.timeout)
+

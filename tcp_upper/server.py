@@ -1,0 +1,287 @@
+"""The threaded server: one thread per client, moving bytes between its socket and the protocol.
+
+Configured the ``socketserver`` way, with class attributes and hooks:
+
+- :class:`UpperServer` (a ``ThreadingTCPServer``) accepts, enforces ``max_clients`` in
+  ``verify_request`` and keeps the set of open connections so it can close them in order when
+  it stops;
+- :class:`UpperHandler` (a ``StreamRequestHandler``) runs the read → feed → send loop.
+
+Timeouts are kernel socket options (``SO_RCVTIMEO``/``SO_SNDTIMEO``) on a blocking socket, so
+every read and write is a single system call; an expired timeout surfaces as
+``BlockingIOError``. Nothing here reads settings files: :func:`main` in ``tcp_upper.cli``
+wires settings, logging and signals together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import socketserver
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+from .protocol import HOLD_BACK_SECONDS, UpperProtocol
+
+log = logging.getLogger(__name__)
+
+#: Bytes asked of each recv(): large enough for bulk transfers in few calls; replies go out per
+#: chunk, so memory per connection is bounded by it whatever the line length.
+READ_SIZE = 64 * 1024
+
+#: Listen backlog: absorbs a burst of thousands of connects (the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 4096
+
+#: After DESCONEXION (or an idle timeout) the server half-closes and discards what the client
+#: still sends for at most this long, so a client still writing sees end of stream, not a reset.
+DRAIN_SECONDS = 1.0
+
+#: Keepalive: probe a silent peer after a minute, give up after 5 unanswered probes 10 s apart.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 5
+
+FULL_MESSAGE = "ERROR servidor lleno ({limit} clientes); inténtelo más tarde\n"
+
+
+class Reason:
+    """Why a client connection ended, as written in the log."""
+
+    COMMAND = "DESCONEXION"
+    EOF = "fin del flujo"
+    RESET = "conexión reiniciada por el cliente"
+    IDLE = "inactivo {seconds:g} s"
+    STALLED = "no lee sus respuestas desde hace {seconds:g} s"
+    STOPPING = "parada del servidor"
+
+
+def _set_timeout(sock: socket.socket, option: int, seconds: float | None) -> None:
+    """Set a kernel send/receive timeout; ``None`` blocks forever."""
+    if seconds is None:
+        sec, usec = 0, 0
+    else:
+        sec, usec = int(seconds), max(1, int((seconds % 1) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", sec, usec))
+
+
+def _enable_keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, name):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def format_address(address: Any) -> str:
+    """``host:port`` for IPv4, ``[host]:port`` for IPv6, as people and URLs write them."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class UpperHandler(socketserver.StreamRequestHandler):
+    """Serves one client: read a chunk, feed the protocol, send the reply, until it ends."""
+
+    disable_nagle_algorithm = True  # replies are small and must not wait for an ACK
+    rbufsize = 0  # reads go straight to recv(): no buffer to fill, no line to wait for
+    server: UpperServer
+
+    def setup(self) -> None:
+        super().setup()
+        _enable_keepalive(self.connection)
+        _set_timeout(self.connection, socket.SO_SNDTIMEO, self.server.write_timeout)
+        _set_timeout(self.connection, socket.SO_RCVTIMEO, self.server.idle_timeout)
+        self.peer = format_address(self.client_address)
+
+    def handle(self) -> None:
+        log.info("Cliente %s conectado (%d activos)", self.peer, self.server.active_clients)
+        try:
+            reason = self._serve()
+        except BlockingIOError:  # SO_SNDTIMEO expired: the client stopped reading
+            reason = Reason.STALLED.format(seconds=self.server.write_timeout)
+        except (ConnectionResetError, BrokenPipeError):
+            reason = Reason.RESET
+        except OSError as exc:
+            reason = f"error de red: {exc.strerror or exc}"
+        log.info("Cliente %s desconectado: %s", self.peer, reason)
+
+    def _serve(self) -> str:
+        """Run the read → feed → send loop; return why it ended."""
+        sock = self.connection
+        protocol = UpperProtocol()
+        holding = False  # whether SO_RCVTIMEO is set to the hold-back pause
+        while True:
+            try:
+                data = sock.recv(READ_SIZE)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                if not holding:
+                    self._close_orderly()
+                    return Reason.IDLE.format(seconds=self.server.idle_timeout)
+                reply = protocol.settle()
+            else:
+                if not data:
+                    self._send(protocol.feed_eof().data)
+                    return Reason.STOPPING if self.server.stopping else Reason.EOF
+                log.debug("Cliente %s: %d bytes recibidos", self.peer, len(data))
+                reply = protocol.feed(data)
+            self._send(reply.data)
+            if reply.close:
+                self._close_orderly()
+                return Reason.COMMAND
+            if protocol.holding != holding:
+                holding = protocol.holding
+                _set_timeout(sock, socket.SO_RCVTIMEO,
+                             HOLD_BACK_SECONDS if holding else self.server.idle_timeout)
+
+    def _send(self, data: bytes) -> None:
+        if data:
+            self.connection.sendall(data)
+            log.debug("Cliente %s: %d bytes enviados", self.peer, len(data))
+
+    def _close_orderly(self) -> None:
+        """Half-close, then discard what the client still sends for a bounded time.
+
+        Closing with unread bytes in the receive queue makes the kernel send a reset, which can
+        destroy replies the client has not read yet; reading until its end of stream avoids it.
+        """
+        sock = self.connection
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            _set_timeout(sock, socket.SO_RCVTIMEO, left)
+            try:
+                if not sock.recv(READ_SIZE):
+                    return
+            except OSError:  # timed out, or reset: nothing more to wait for
+                return
+
+
+class UpperServer(socketserver.ThreadingTCPServer):
+    """A thread-per-client TCP server for the upper-case protocol.
+
+    Instance attributes ``max_clients``, ``idle_timeout`` and ``write_timeout`` may be set
+    before :meth:`serve_forever`; ``server_address`` holds the real bound address (port 0 works).
+    """
+
+    allow_reuse_address = True  # restart at once on the same port, despite TIME_WAIT
+    daemon_threads = True  # client threads never keep the process alive
+    block_on_close = False  # and are not collected into a list that grows with every accept
+    request_queue_size = LISTEN_BACKLOG
+
+    max_clients: int = 10_000
+    idle_timeout: float | None = None
+    write_timeout: float = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._clients: set[socket.socket] = set()
+        self._clients_lock = threading.Lock()
+        self._all_gone = threading.Condition(self._clients_lock)
+        self.stopping = False
+        super().__init__(*args, **kwargs)
+
+    @property
+    def active_clients(self) -> int:
+        """How many client connections are open now."""
+        return len(self._clients)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit the client if there is room; otherwise answer one ERROR line (then closed)."""
+        with self._clients_lock:
+            if len(self._clients) < self.max_clients and not self.stopping:
+                self._clients.add(request)
+                return True
+        log.warning("Servidor lleno (%d clientes): rechazado %s", self.max_clients,
+                    format_address(client_address))
+        with contextlib.suppress(OSError):  # it left already: shutdown_request closes it anyway
+            request.send(FULL_MESSAGE.format(limit=self.max_clients).encode(),
+                         socket.MSG_DONTWAIT)
+        return False
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        with self._clients_lock:
+            self._clients.discard(request)
+            if not self._clients:
+                self._all_gone.notify_all()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A bug, not a client's doing (those are handled in the handler): log it with its trace."""
+        log.exception("Error inesperado con el cliente %s", format_address(client_address))
+
+    def close_clients(self, timeout: float) -> bool:
+        """Stop accepting new clients, end every connection in order, wait up to *timeout* s.
+
+        Shutting down the read side wakes each handler's recv() with end of stream, so it
+        sends what it owes, half-closes and leaves. Returns True when all of them left in time.
+        """
+        with self._clients_lock:
+            self.stopping = True
+            for request in self._clients:
+                with contextlib.suppress(OSError):  # already gone
+                    request.shutdown(socket.SHUT_RD)
+            return self._all_gone.wait_for(lambda: not self._clients, timeout)
+
+
+class UpperServer6(UpperServer):
+    """The same server on an IPv6 socket (``--host ::`` also accepts IPv4 where mapped)."""
+
+    address_family = socket.AF_INET6
+
+
+def make_server(
+    host: str,
+    port: int,
+    *,
+    max_clients: int = UpperServer.max_clients,
+    idle_timeout: float | None = UpperServer.idle_timeout,
+    write_timeout: float = UpperServer.write_timeout,
+    handler: Callable[..., socketserver.BaseRequestHandler] = UpperHandler,
+) -> UpperServer:
+    """Bind a server to the first address *host* resolves to; it is listening when returned.
+
+    Raises ``OSError`` from resolving or binding (e.g. ``EADDRINUSE``).
+    """
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )[0]
+    server_class = UpperServer6 if family == socket.AF_INET6 else UpperServer
+    server = server_class(address, handler, bind_and_activate=False)
+    server.max_clients = max_clients
+    server.idle_timeout = idle_timeout
+    server.write_timeout = write_timeout
+    try:
+        server.server_bind()
+        server.server_activate()
+    except BaseException:
+        server.server_close()
+        raise
+    return server
+
+
+def bind_error_message(exc: OSError, host: str, port: int) -> str:
+    """One line for a person: why the server cannot listen on host:port and what to do."""
+    where = format_address((host, port))
+    if exc.errno == errno.EADDRINUSE:
+        return (f"El puerto {port} ya está en uso ({where}): pare el otro proceso o elija otro "
+                "puerto con --port N, TCP_UPPER_PORT o config.env (0 = uno libre)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"Sin permiso para escuchar en {where}: use un puerto mayor que 1023 "
+                "con --port N")
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return (f"No se puede escuchar en {where}: la dirección {host!r} no es de esta máquina "
+                "o no se resuelve; pruebe --host localhost")
+    return f"No se puede escuchar en {where}: {exc.strerror or exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m tcp_upper.server``; see ``tcp_upper.cli``."""
+    from .cli import server_main
+
+    return server_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
