@@ -53,9 +53,12 @@ def parse_settings(
         raise  # unreachable: parser.exit raises SystemExit
 
 
-def configure_logging(level: str) -> None:
-    """One line per event on stderr, with a timestamp."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+def configure_logging(level: str, with_pid: bool = False) -> None:
+    """One line per event on stderr, with a timestamp (and the process id, for --workers)."""
+    fmt = LOG_FORMAT.replace("%(levelname)s", "%(levelname)s [%(process)d]") if with_pid else (
+        LOG_FORMAT
+    )
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
 
 
 def raise_open_file_limit(max_clients: int) -> None:
@@ -101,13 +104,17 @@ def _request_stop(signum: int, frame: FrameType | None) -> None:
     raise _StopRequested(signal.Signals(signum).name)
 
 
-def serve(server: UpperServer) -> None:
-    """Serve until SIGINT/SIGTERM, then close every client in order (main thread only)."""
+def serve(server: UpperServer, announce: bool = True) -> None:
+    """Serve until SIGINT/SIGTERM, then close every client in order (main thread only).
+
+    The listening line is logged at INFO when *announce* is true, at DEBUG otherwise.
+    """
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
     try:
-        log.info("Servidor escuchando en %s (máximo %d clientes)",
-                 format_address(server.server_address), server.max_clients)
+        log.log(logging.INFO if announce else logging.DEBUG,
+                "Servidor escuchando en %s (máximo %d clientes)",
+                format_address(server.server_address), server.max_clients)
         server.serve_forever()
     except _StopRequested as stop:
         log.info("Señal %s: parando; %d clientes conectados", stop, server.active_clients)
@@ -126,7 +133,7 @@ def server_main(argv: list[str] | None = None) -> int:
         config.SERVER_SETTINGS,
     )
     settings = parse_settings(parser, config.SERVER_SETTINGS, argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, with_pid=settings.workers > 1)
     raise_open_file_limit(settings.max_clients)
     tune_runtime()
     if settings.workers > 1:

@@ -169,6 +169,8 @@ class UpperServer(socketserver.ThreadingTCPServer):
     block_on_close = False  # and are not collected into a list that grows with every accept
     request_queue_size = LISTEN_BACKLOG
 
+    allow_reuse_port = False  # set by make_server for --workers
+
     max_clients: int = 10_000
     idle_timeout: float | None = None
     write_timeout: float = 30.0
@@ -184,6 +186,11 @@ class UpperServer(socketserver.ThreadingTCPServer):
     def active_clients(self) -> int:
         """How many client connections are open now."""
         return len(self._clients)
+
+    def server_bind(self) -> None:
+        if self.allow_reuse_port:  # socketserver sets it itself only from Python 3.11 on
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the client if there is room; otherwise answer one ERROR line (then closed)."""
@@ -236,6 +243,7 @@ def make_server(
     max_clients: int = UpperServer.max_clients,
     idle_timeout: float | None = UpperServer.idle_timeout,
     write_timeout: float = UpperServer.write_timeout,
+    reuse_port: bool = False,
     handler: Callable[..., socketserver.BaseRequestHandler] = UpperHandler,
 ) -> UpperServer:
     """Bind a server to the first address *host* resolves to; it is listening when returned.
@@ -250,6 +258,7 @@ def make_server(
     server.max_clients = max_clients
     server.idle_timeout = idle_timeout
     server.write_timeout = write_timeout
+    server.allow_reuse_port = reuse_port
     try:
         server.server_bind()
         server.server_activate()
