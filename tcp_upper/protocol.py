@@ -41,7 +41,7 @@ HOLD_BACK_SECONDS = 0.2
 MAX_BLANKS = 32
 
 #: Longest held-back line start, in code points: blanks, the command (decomposed Ó is 2 code
-#: points) and blanks. Anything longer cannot be the command.
+#: points) and blanks (a CRLF's CR among them). Anything longer cannot be the command.
 MAX_HELD = MAX_BLANKS + max(len(unicodedata.normalize("NFD", c)) for c in COMMANDS) + MAX_BLANKS
 
 _BLANKS = " \t"
@@ -50,6 +50,11 @@ _TRAILING_BLANKS = " \t\r"  # the CR of a CRLF counts as a trailing blank
 # A newline after which the next line could be the command: only D/d case-fold to "d", and NFC
 # cannot turn any other first character into one. A cheap superset filter; _classify decides.
 _SUSPECT_LINE_START = re.compile(rf"\n(?=[ \t]{{0,{MAX_BLANKS}}}(?:[dD]|\Z))")
+
+# The same filter for the ASCII fast path, on bytes.
+_SUSPECT_LINE_START_BYTES = re.compile(_SUSPECT_LINE_START.pattern.encode())
+# Bytes that may begin the command's line: a blank or the command's first letter.
+_MAY_START_COMMAND = frozenset(b" \tdD")
 
 # Invalid UTF-8 bytes become lone surrogates on decode and the same bytes again on encode;
 # str.upper() leaves surrogates alone, so non-UTF-8 input passes through byte for byte.
@@ -112,6 +117,7 @@ class UpperProtocol:
         # known to be ordinary text (then nothing is held back until the next newline).
         self._line_start: str | None = ""
         self._closed = False
+        self._decoder_empty = True  # no partial UTF-8 character buffered in the decoder
 
     @property
     def holding(self) -> bool:
@@ -131,7 +137,11 @@ class UpperProtocol:
         """
         if self._closed or not data:
             return Reply(b"", self._closed)
-        return self._process(self._decoder.decode(data))
+        if self._decoder_empty and not self._line_start and data.isascii():
+            return self._process_ascii(data)
+        reply = self._process(self._decoder.decode(data))
+        self._decoder_empty = not self._decoder.getstate()[0]
+        return reply
 
     def settle(self) -> Reply:
         """Decide the held-back line start after a quiet pause.
@@ -161,6 +171,25 @@ class UpperProtocol:
         self._closed = True
         self._line_start = None
         return Reply(data, True)
+
+    def _process_ascii(self, data: bytes) -> Reply:
+        """The common case, on bytes: ASCII (upper-cased by ``bytes.upper``), nothing held back.
+
+        It hands over to :meth:`_process` from the first line start that could be the command,
+        so both paths give the same bytes.
+        """
+        if self._line_start == "" and data[0] in _MAY_START_COMMAND:
+            return self._process(data.decode("ascii"))
+        match = _SUSPECT_LINE_START_BYTES.search(data)
+        if match is None:  # the current line goes on after this chunk
+            self._line_start = None
+            return Reply(data.upper(), False)
+        decided = match.end()
+        self._line_start = ""
+        if decided == len(data):  # ends with a newline: the next line starts afresh
+            return Reply(data.upper(), False)
+        rest = self._process(data[decided:].decode("ascii"))
+        return Reply(data[:decided].upper() + rest.data, rest.close)
 
     def _process(self, text: str) -> Reply:
         """Upper-case *text*, holding back or acting on a line start that may be the command."""
