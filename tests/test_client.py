@@ -1,0 +1,408 @@
+"""The client (SPEC section 2): the piped and interactive program, its failures, and UpperClient.
+
+The program runs as a real subprocess (``python -m tcp_upper.client``) in an empty directory with
+TCP_UPPER_* variables removed; the interactive cases go through a real pseudo-terminal (pexpect).
+Servers are the in-process ``server`` fixture (its log is read with caplog) or a spawned process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import pexpect
+import pytest
+from conftest import DEADLINE, clean_env, connect, recv_exactly, wait_until
+
+from tcp_upper.client import UpperClient
+from tcp_upper.errors import UpperClientError
+
+TRANSCRIPT = (
+    "Cliente envía: hola servidor\n"
+    "Servidor responde: HOLA SERVIDOR\n"
+    "Cliente envía: DESCONEXION\n"
+    "Conexión cerrada.\n"
+)
+
+DISCONNECTED = re.compile(r"Cliente (\S+) desconectado: (.+)$")
+RECEIVED = re.compile(r": (\d+) bytes recibidos$")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def run_client(port: int, stdin: str, *args: str, cwd: Path,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the client with *stdin* piped in; killed if it outlives DEADLINE."""
+    return subprocess.run(
+        [sys.executable, "-m", "tcp_upper.client", "--port", str(port), *args],
+        input=stdin, capture_output=True, text=True, encoding="utf-8", cwd=cwd,
+        env=env if env is not None else clean_env(), timeout=DEADLINE,
+    )
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in list(caplog.records)]
+
+
+def disconnect_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m.group(2) for m in map(DISCONNECTED.search, messages(caplog)) if m]
+
+
+def wait_for_reasons(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
+    """Wait until the in-process server logged *count* disconnects; return their reasons."""
+    wait_until(lambda: len(disconnect_reasons(caplog)) >= count,
+               what=f"{count} disconnect log lines")
+    return disconnect_reasons(caplog)
+
+
+def bytes_received(caplog: pytest.LogCaptureFixture) -> int:
+    """Total bytes the in-process server read from clients (its DEBUG traffic lines)."""
+    return sum(int(m.group(1)) for m in map(RECEIVED.search, messages(caplog)) if m)
+
+
+def assert_still_serving(port: int) -> None:
+    with connect(port) as sock:
+        sock.sendall(b"otra vez\n")
+        assert recv_exactly(sock, 9) == b"OTRA VEZ\n"
+
+
+@pytest.fixture
+def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """caplog capturing the in-process server's INFO and DEBUG lines."""
+    caplog.set_level(logging.DEBUG, logger="tcp_upper")
+    return caplog
+
+
+@pytest.fixture
+def spawn_client(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
+    """Factory: the client on a real pseudo-terminal; every child is killed at teardown."""
+    children: list[pexpect.spawn] = []
+
+    def spawn(port: int, *args: str) -> pexpect.spawn:
+        child = pexpect.spawn(
+            sys.executable, ["-m", "tcp_upper.client", "--port", str(port), *args],
+            cwd=str(tmp_path), env=clean_env(), encoding="utf-8", timeout=DEADLINE,
+        )
+        children.append(child)
+        return child
+
+    yield spawn
+    for child in children:
+        if child.isalive():
+            child.terminate(force=True)
+        child.close(force=True)
+
+
+def finish(child: pexpect.spawn) -> tuple[int, str]:
+    """Wait for the child to end; return its exit status and its output since the last match."""
+    child.expect(pexpect.EOF)
+    output = child.before
+    child.wait()
+    assert child.signalstatus is None, f"killed by signal {child.signalstatus}"
+    return child.exitstatus, output
+
+
+# --- piped standard input ----------------------------------------------------------------------
+
+
+def test_piped_transcript_is_the_exercise_example(server, server_log, tmp_path):
+    result = run_client(server.port, "hola servidor\nDESCONEXION\n", cwd=tmp_path)
+    assert result.stdout == TRANSCRIPT
+    assert result.stderr == ""
+    assert result.returncode == 0
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+
+
+def test_piped_end_of_input_closes_like_desconexion(server, server_log, tmp_path):
+    result = run_client(server.port, "hola servidor\n", cwd=tmp_path)
+    assert result.stdout == (
+        "Cliente envía: hola servidor\nServidor responde: HOLA SERVIDOR\nConexión cerrada.\n"
+    )
+    assert result.returncode == 0
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+
+
+def test_piped_blank_lines_are_not_sent(server, server_log, tmp_path):
+    result = run_client(server.port, "\n   \n\t\nhola\n\nDESCONEXION\n", cwd=tmp_path)
+    assert result.returncode == 0
+    replies = [line for line in result.stdout.splitlines() if line.startswith("Servidor")]
+    assert replies == ["Servidor responde: HOLA"]
+    wait_for_reasons(server_log, 1)
+    # Only "hola\n" (5 bytes) and "DESCONEXION\n" (12 bytes) ever reached the server.
+    assert bytes_received(server_log) == 5 + 12
+
+
+def test_piped_unicode_and_crlf_input(server, tmp_path):
+    result = run_client(server.port, "ñandú straße\r\n  desconexion \r\n", cwd=tmp_path)
+    assert result.stdout.splitlines() == [
+        "Cliente envía: ñandú straße",
+        "Servidor responde: ÑANDÚ STRASSE",
+        "Cliente envía:   desconexion ",
+        "Conexión cerrada.",
+    ]
+    assert result.returncode == 0
+
+
+# --- interactive, through a pseudo-terminal ----------------------------------------------------
+
+PROMPT = "Cliente envía: "
+
+
+def test_interactive_session(server, server_log, spawn_client):
+    child = spawn_client(server.port)
+    child.expect_exact(PROMPT)
+    child.sendline("hola servidor")
+    child.expect_exact("Servidor responde: HOLA SERVIDOR")
+    child.expect_exact(PROMPT)
+    child.sendline("")  # empty input: asked again, nothing sent
+    child.expect_exact(PROMPT)
+    assert "Servidor responde" not in child.before
+    child.sendline("   ")
+    child.expect_exact(PROMPT)
+    assert "Servidor responde" not in child.before
+    child.sendline("ñandú")
+    child.expect_exact("Servidor responde: ÑANDÚ")
+    child.expect_exact(PROMPT)
+    child.sendline("DESCONEXION")
+    child.expect_exact("Conexión cerrada.")
+    status, output = finish(child)
+    assert status == 0
+    assert "Traceback" not in output
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+    # "hola servidor\n" + "ñandú\n" (8 bytes in UTF-8) + "DESCONEXION\n": the blanks never left.
+    assert bytes_received(server_log) == 14 + 8 + 12
+    assert_still_serving(server.port)
+
+
+def test_interactive_command_in_lower_case_with_spaces(server, server_log, spawn_client):
+    child = spawn_client(server.port)
+    child.expect_exact(PROMPT)
+    child.sendline("  desconexion ")
+    child.expect_exact("Conexión cerrada.")
+    status, _ = finish(child)
+    assert status == 0
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+    assert_still_serving(server.port)
+
+
+def test_interactive_ctrl_d_closes_in_order(server, server_log, spawn_client):
+    child = spawn_client(server.port)
+    child.expect_exact(PROMPT)
+    child.sendline("hola")
+    child.expect_exact("Servidor responde: HOLA")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    child.expect_exact("Conexión cerrada.")
+    status, output = finish(child)
+    assert status == 0
+    assert "Traceback" not in output
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+    assert_still_serving(server.port)
+
+
+def test_interactive_ctrl_c_exits_130_without_traceback(server, server_log, spawn_client):
+    child = spawn_client(server.port)
+    child.expect_exact(PROMPT)
+    child.sendline("hola")
+    child.expect_exact("Servidor responde: HOLA")
+    child.expect_exact(PROMPT)
+    child.sendintr()
+    child.expect_exact("Conexión cerrada.")
+    status, output = finish(child)
+    assert status == 130
+    assert "Traceback" not in child.before + output
+    assert "KeyboardInterrupt" not in output
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+    assert_still_serving(server.port)
+
+
+# --- failures of the program -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", None])
+def test_server_not_running(host, tmp_path):
+    port = closed_port()
+    args = ("--host", host) if host else ()
+    result = run_client(port, "hola\n", *args, cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{host or 'localhost'}:{port}" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "Servidor responde" not in result.stdout
+
+
+def test_server_full(start_server, tmp_path):
+    full = start_server(max_clients=1)
+    with connect(full.port) as holder:
+        holder.sendall(b"ocupado\n")
+        assert recv_exactly(holder, 8) == b"OCUPADO\n"  # admitted: the one slot is taken
+        result = run_client(full.port, "hola\nDESCONEXION\n", "--host", "127.0.0.1", cwd=tmp_path)
+        assert result.returncode == 1
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "ERROR" in lines[0]
+        assert f"127.0.0.1:{full.port}" in lines[0]
+        assert "Traceback" not in result.stderr + result.stdout
+        assert "Conexión cerrada." not in result.stdout
+        # The client holding the slot is unaffected.
+        holder.sendall(b"sigo\n")
+        assert recv_exactly(holder, 5) == b"SIGO\n"
+
+
+def test_server_gone_mid_session(spawn_server, spawn_client):
+    proc = spawn_server()
+    child = spawn_client(proc.port, "--host", "127.0.0.1")
+    child.expect_exact(PROMPT)
+    child.sendline("uno")
+    child.expect_exact("Servidor responde: UNO")
+    child.expect_exact(PROMPT)
+    proc.signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    child.sendline("dos")
+    child.expect_exact("dos")  # the terminal's echo of what was typed
+    status, output = finish(child)
+    assert status == 1
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert f"127.0.0.1:{proc.port}" in lines[0]
+    assert "Traceback" not in output
+    assert "Servidor responde" not in output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (("--port", "abc"), {}, ["--port", "abc", "línea de órdenes"]),
+        ((), {"TCP_UPPER_TIMEOUT": "-1"}, ["TCP_UPPER_TIMEOUT", "-1", "entorno"]),
+        ((), {"TCP_UPPER_PORT": "70000"}, ["TCP_UPPER_PORT", "70000", "entorno"]),
+    ],
+)
+def test_bad_client_settings_exit_2(args, env, named, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tcp_upper.client", *args], input="hola\n", capture_output=True,
+        text=True, encoding="utf-8", cwd=tmp_path, env=clean_env(**env), timeout=DEADLINE,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in named:
+        assert word in lines[0]
+    assert result.stdout == ""
+
+
+# --- UpperClient -------------------------------------------------------------------------------
+
+
+def test_upper_client_round_trip_and_close_on_exit(server, server_log):
+    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
+        assert client.send("hola servidor") == "HOLA SERVIDOR"
+        assert client.send("ñandú") == "ÑANDÚ"
+        assert client.send("") == ""
+        assert not client.closed
+    assert client.closed
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+
+
+def test_upper_client_close_is_idempotent_and_send_after_close_fails(server, server_log):
+    client = UpperClient("127.0.0.1", server.port, timeout=DEADLINE)
+    client.close()
+    client.close()
+    assert client.closed
+    with pytest.raises(UpperClientError):
+        client.send("hola")
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+
+
+@pytest.mark.parametrize("text", ["a\nb", "a\r\nb", "a\n", "\rb"])
+def test_upper_client_rejects_line_breaks(server, text):
+    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
+        with pytest.raises(ValueError):
+            client.send(text)
+        assert client.send("sigue") == "SIGUE"  # nothing was sent; the connection is intact
+
+
+@pytest.mark.parametrize("command", ["DESCONEXION", "  desconexion\t", "Desconexión"])
+def test_upper_client_send_command_closes(server, server_log, command):
+    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
+        assert client.send(command) == ""
+        assert client.closed
+        with pytest.raises(UpperClientError):
+            client.send("hola")
+    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
+
+
+def test_upper_client_connection_refused():
+    port = closed_port()
+    with pytest.raises(UpperClientError) as caught:
+        UpperClient("127.0.0.1", port, timeout=DEADLINE)
+    assert isinstance(caught.value, ConnectionError)
+    assert f"127.0.0.1:{port}" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_upper_client_reply_timeout():
+    # A listening socket that is never accepted from: the kernel completes the handshake,
+    # nobody ever answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        client = UpperClient("127.0.0.1", port, timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(UpperClientError) as caught:
+            client.send("x")
+        elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 3.0
+    message = str(caught.value)
+    assert "0.3" in message
+    assert f"127.0.0.1:{port}" in message
+    assert client.closed
+
+
+def test_upper_client_server_full(start_server):
+    full = start_server(max_clients=1)
+    with UpperClient("127.0.0.1", full.port, timeout=DEADLINE) as first:
+        assert first.send("uno") == "UNO"
+        second = UpperClient("127.0.0.1", full.port, timeout=DEADLINE)
+        with pytest.raises(UpperClientError) as caught:
+            second.send("dos")
+        assert "ERROR" in str(caught.value)
+        assert f"127.0.0.1:{full.port}" in str(caught.value)
+        assert second.closed
+        assert first.send("tres") == "TRES"
+
+
+def test_upper_client_echo_of_error_is_not_a_refusal(server):
+    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
+        assert client.send("error de prueba") == "ERROR DE PRUEBA"
+        assert client.send("ok") == "OK"
+
+
+def test_upper_client_server_gone(spawn_server):
+    proc = spawn_server()
+    client = UpperClient("127.0.0.1", proc.port, timeout=DEADLINE)
+    assert client.send("uno") == "UNO"
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(UpperClientError) as caught:
+        client.send("dos")
+    assert f"127.0.0.1:{proc.port}" in str(caught.value)
+    assert client.closed
+    client.close()  # already closed: still fine
