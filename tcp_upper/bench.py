@@ -106,19 +106,14 @@ def make_batch(conn_id: int, depth: int, size: int) -> bytes:
 # --------------------------------------------------------------------------------------------
 # Latency histogram
 
+# Bucket of a round trip of m whole microseconds: m itself below 2 * _SUB; above, m's top
+# _SUB_BITS + 1 bits plus _SUB per bit dropped, i.e. _SUB buckets per power of two.
 _SUB_BITS = 7  # 128 sub-buckets per power of two: under 0.8 % relative error
 _SUB = 1 << _SUB_BITS
 
 
-def _bucket(micros: int) -> int:
-    if micros < 2 * _SUB:
-        return micros
-    shift = micros.bit_length() - _SUB_BITS - 1
-    return (shift << _SUB_BITS) + (micros >> shift)
-
-
 def _bucket_value(index: int) -> float:
-    """Middle of a bucket, in microseconds."""
+    """Middle of a bucket, in microseconds (the inverse of the mapping in ``add``)."""
     if index < 2 * _SUB:
         return float(index)
     shift = (index >> _SUB_BITS) - 1
@@ -142,7 +137,12 @@ class LatencyHistogram:
     def add(self, seconds: float, times: int = 1) -> None:
         """Record *times* samples of one round trip of *seconds*."""
         micros = seconds * 1e6
-        index = _bucket(int(micros))
+        whole = int(micros)
+        if whole < 2 * _SUB:
+            index = whole
+        else:
+            shift = whole.bit_length() - _SUB_BITS - 1
+            index = (shift << _SUB_BITS) + (whole >> shift)
         self.counts[index] = self.counts.get(index, 0) + times
         self.count += times
         self.total_us += micros * times
@@ -183,6 +183,7 @@ class Target:
     """Where and how to send load; picklable, so every worker process gets the same plan."""
 
     label: str
+    conns: int
     family: int
     sockaddr: tuple[Any, ...]
     depth: int
@@ -296,26 +297,26 @@ class LoadWorker:
             try:
                 sock = socket.socket(target.family, socket.SOCK_STREAM)
             except OSError as exc:
-                return self._connect_failure(exc.errno, _error_text(exc))
+                return self._connect_failure(exc.errno, _error_text(exc), cid)
             conn = _Conn(cid, sock, make_batch(cid, target.depth, target.size))
             self._conns.append(conn)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(target.sockaddr)
             if err not in (0, errno.EINPROGRESS):
-                return self._connect_failure(err, os.strerror(err))
+                return self._connect_failure(err, os.strerror(err), cid)
             self._sel.register(sock, selectors.EVENT_WRITE, conn)
             waiting += 1
         while waiting:
             left = deadline - time.perf_counter()
             if left <= 0:
                 return self._connect_failure(errno.ETIMEDOUT,
-                                             f"sin respuesta en {target.timeout:g} s")
+                                             f"sin respuesta en {target.timeout:g} s", None)
             for key, _ in self._sel.select(left):
                 conn = key.data
                 err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    return self._connect_failure(err, os.strerror(err))
+                    return self._connect_failure(err, os.strerror(err), conn.cid)
                 self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
                 conn.state = _RUNNING
                 waiting -= 1
@@ -323,15 +324,19 @@ class LoadWorker:
         self._live = len(self._conns)
         return None
 
-    def _connect_failure(self, err: int | None, reason: str) -> str:
-        opened = sum(conn.state == _RUNNING for conn in self._conns)
+    def _connect_failure(self, err: int | None, reason: str, cid: int | None) -> str:
+        if cid is None:
+            opened = sum(conn.state == _RUNNING for conn in self._conns)
+            where = f"{opened} de {self.target.conns} conexiones establecidas"
+        else:
+            where = f"conexión {cid + 1} de {self.target.conns}"
         hint = "¿está el servidor en marcha? Revise --host y --port"
         if err in (errno.EMFILE, errno.ENFILE):
             hint = "suba el límite de ficheros abiertos (ulimit -n) o baje --conns"
         elif err == errno.EADDRNOTAVAIL:
             hint = "no quedan puertos locales libres: baje --conns"
         return (f"no se puede conectar con {self.target.label}: {reason} "
-                f"({opened} de {len(self.conn_ids)} conexiones abiertas); {hint}")
+                f"({where}); {hint}")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -934,9 +939,11 @@ def main(argv: list[str] | None = None) -> int:
         family, _, _, _, sockaddr = socket.getaddrinfo(
             settings.host, settings.port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
-        return fail(1, f"no se puede resolver {settings.host!r} para conectar con {label}: {exc}")
-    target = Target(label=label, family=family, sockaddr=sockaddr, depth=args.depth,
-                    size=args.size, duration=args.duration, timeout=args.timeout)
+        reason = getattr(exc, "strerror", None) or exc
+        return fail(1, f"no se puede resolver {settings.host!r} para conectar con {label}: {reason}")
+    target = Target(label=label, conns=args.conns, family=family, sockaddr=sockaddr,
+                    depth=args.depth, size=args.size, duration=args.duration,
+                    timeout=args.timeout)
     _raise_open_file_limit(-(-args.conns // processes) + 64)
 
     progress = _ProgressLine(sys.stderr)
