@@ -940,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.host, settings.port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
         reason = getattr(exc, "strerror", None) or exc
-        return fail(1, f"no se puede resolver {settings.host!r} para conectar con {label}: {reason}")
+        return fail(1, f"no se puede resolver {settings.host!r} (para {label}): {reason}")
     target = Target(label=label, conns=args.conns, family=family, sockaddr=sockaddr,
                     depth=args.depth, size=args.size, duration=args.duration,
                     timeout=args.timeout)
