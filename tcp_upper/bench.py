@@ -335,6 +335,9 @@ class LoadWorker:
             hint = "suba el límite de ficheros abiertos (ulimit -n) o baje --conns"
         elif err == errno.EADDRNOTAVAIL:
             hint = "no quedan puertos locales libres: baje --conns"
+        elif err == errno.ETIMEDOUT:
+            hint = ("el servidor no acepta conexiones a ese ritmo (¿cola de escucha llena?): "
+                    "suba --timeout o baje --conns")
         return (f"no se puede conectar con {self.target.label}: {reason} "
                 f"({where}); {hint}")
 
@@ -788,6 +791,7 @@ def write_plot(path: str, latency: LatencyHistogram, title: str) -> None:
     try:
         ax.plot([1 / (1 - f) for f in fractions], values, drawstyle="steps-post")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ticks = [t for t in (1, 2, 10, 100, 1000, 10_000, 100_000, 1_000_000)
                  if t <= 1 / (1 - fractions[-1])]
         labels = {1: "0%", 2: "50%", 10: "90%", 100: "99%", 1000: "99.9%", 10_000: "99.99%",
@@ -965,8 +969,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(summary))
     status = 0 if summary["ok"] else 1
     if args.plot is not None:
-        title = (f"{label}: {summary['conns']} conexiones, {args.depth} líneas por lote, "
-                 f"{args.size} B")
+        title = (f"{label}: {summary['conns']} conexiones, líneas por lote: {args.depth}, "
+                 f"bytes por línea: {args.size}")
         try:
             write_plot(args.plot, result.latency, title)
         except OSError as exc:

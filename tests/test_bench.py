@@ -358,6 +358,18 @@ def test_connection_refused_is_one_line_naming_host_and_port(capsys, refused_por
     assert f"127.0.0.1:{refused_port}" in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux drops SYNs to a full queue")
+def test_server_that_does_not_accept_makes_connecting_time_out(capsys) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepted: the queue fills and further connects hang
+        port = listener.getsockname()[1]
+        status, out, err = run(capsys, "--host", "127.0.0.1", "--port", str(port), "--conns",
+                               "20", "--timeout", "0.5")
+    assert status == 1 and out == ""
+    assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}" in err and "0.5 s" in err
+
+
 @pytest.mark.parametrize("argv", [
     ["--conns", "0"], ["--conns", "muchas"], ["--depth", "-1"], ["--size", "1"],
     ["--duration", "0"], ["--duration", "nan"], ["--processes", "0"], ["--timeout", "-2"],
