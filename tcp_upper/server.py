@@ -107,37 +107,44 @@ class UpperHandler(socketserver.StreamRequestHandler):
         log.info("Cliente %s desconectado: %s", self.peer, reason)
 
     def _serve(self) -> str:
-        """Run the read → feed → send loop; return why it ended."""
+        """Run the read → feed → send loop; return why it ended.
+
+        This loop is the per-message cost of the server: methods are bound to locals and the
+        DEBUG lines are skipped without a call when DEBUG is off.
+        """
         sock = self.connection
+        recv, sendall = sock.recv, sock.sendall
         protocol = UpperProtocol()
+        feed = protocol.feed
+        debug = log.isEnabledFor(logging.DEBUG)
         holding = False  # whether SO_RCVTIMEO is set to the hold-back pause
         while True:
             try:
-                data = sock.recv(READ_SIZE)
+                data = recv(READ_SIZE)
             except BlockingIOError:  # SO_RCVTIMEO expired
                 if not holding:
                     self._close_orderly()
                     return Reason.IDLE.format(seconds=self.server.idle_timeout)
-                reply = protocol.settle()
+                reply, close = protocol.settle()
             else:
                 if not data:
-                    self._send(protocol.feed_eof().data)
+                    reply, close = protocol.feed_eof()
+                    if reply:
+                        sendall(reply)
                     return Reason.STOPPING if self.server.stopping else Reason.EOF
-                log.debug("Cliente %s: %d bytes recibidos", self.peer, len(data))
-                reply = protocol.feed(data)
-            self._send(reply.data)
-            if reply.close:
+                reply, close = feed(data)
+                if debug:
+                    log.debug("Cliente %s: %d bytes recibidos, %d enviados", self.peer,
+                              len(data), len(reply))
+            if reply:
+                sendall(reply)
+            if close:
                 self._close_orderly()
                 return Reason.COMMAND
-            if protocol.holding != holding:
+            if protocol.holding is not holding:
                 holding = protocol.holding
                 _set_timeout(sock, socket.SO_RCVTIMEO,
                              HOLD_BACK_SECONDS if holding else self.server.idle_timeout)
-
-    def _send(self, data: bytes) -> None:
-        if data:
-            self.connection.sendall(data)
-            log.debug("Cliente %s: %d bytes enviados", self.peer, len(data))
 
     def _close_orderly(self) -> None:
         """Half-close, then discard what the client still sends for a bounded time.
