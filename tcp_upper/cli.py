@@ -16,7 +16,13 @@ from types import FrameType
 
 from . import __version__, config
 from .errors import SettingsError
-from .server import UpperServer, bind_error_message, format_address, make_server
+from .server import (
+    UpperServer,
+    bind_error_message,
+    format_address,
+    install_wake_handler,
+    make_server,
+)
 
 log = logging.getLogger("tcp_upper")
 
@@ -111,6 +117,7 @@ def serve(server: UpperServer, announce: bool = True) -> None:
     """
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
+    install_wake_handler()
     try:
         log.log(logging.INFO if announce else logging.DEBUG,
                 "Servidor escuchando en %s (máximo %d clientes)",

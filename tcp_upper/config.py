@@ -65,6 +65,10 @@ def _parse_int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+#: Longest timeout accepted (about 115 days): beyond it, socket timeouts overflow.
+MAX_SECONDS = 10_000_000
+
+
 def _parse_seconds(text: str, *, zero_is_off: bool) -> float | None:
     try:
         value = float(text.strip())
@@ -72,11 +76,9 @@ def _parse_seconds(text: str, *, zero_is_off: bool) -> float | None:
         value = math.nan
     if zero_is_off and value == 0:
         return None
-    if not (math.isfinite(value) and value > 0):
-        hint = "0 (desactivado) o un número de segundos positivo" if zero_is_off else (
-            "un número de segundos positivo"
-        )
-        raise ValueError(f"debe ser {hint}")
+    if not 0 < value <= MAX_SECONDS:  # also refuses nan and inf
+        hint = "0 (desactivado) o un número de segundos" if zero_is_off else "un número de segundos"
+        raise ValueError(f"debe ser {hint} mayor que 0 y como mucho {MAX_SECONDS}")
     return value
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import signal
 import socket
 import socketserver
 import struct
@@ -42,6 +43,14 @@ DRAIN_SECONDS = 1.0
 
 #: Keepalive: probe a silent peer after a minute, give up after 5 unanswered probes 10 s apart.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 5
+
+#: Sent by close_clients() to each client thread to interrupt a blocked recv()/send(): the
+#: retried call then sees the short timeouts set just before, and the handler ends in order.
+WAKE_SIGNAL = signal.SIGUSR1
+
+#: When stopping: how soon a thread blocked in recv() gives up, and how long a final send()
+#: may wait for a slow reader.
+STOP_RECV_SECONDS, STOP_SEND_SECONDS = 0.001, 0.5
 
 FULL_MESSAGE = "ERROR servidor lleno ({limit} clientes); inténtelo más tarde\n"
 
@@ -93,13 +102,15 @@ class UpperHandler(socketserver.StreamRequestHandler):
         _set_timeout(self.connection, socket.SO_SNDTIMEO, self.server.write_timeout)
         _set_timeout(self.connection, socket.SO_RCVTIMEO, self.server.idle_timeout)
         self.peer = format_address(self.client_address)
+        self.server.attach_thread(self.connection)
 
     def handle(self) -> None:
         log.info("Cliente %s conectado (%d activos)", self.peer, self.server.active_clients)
         try:
             reason = self._serve()
         except BlockingIOError:  # SO_SNDTIMEO expired: the client stopped reading
-            reason = Reason.STALLED.format(seconds=self.server.write_timeout)
+            reason = Reason.STOPPING if self.server.stopping else Reason.STALLED.format(
+                seconds=self.server.write_timeout)
         except (ConnectionResetError, BrokenPipeError):
             reason = Reason.RESET
         except OSError as exc:
@@ -121,7 +132,13 @@ class UpperHandler(socketserver.StreamRequestHandler):
         while True:
             try:
                 data = recv(READ_SIZE)
-            except BlockingIOError:  # SO_RCVTIMEO expired
+            except BlockingIOError:  # SO_RCVTIMEO expired, or close_clients() woke us
+                if self.server.stopping:
+                    reply, close = protocol.feed_eof()
+                    if reply:
+                        sendall(reply)
+                    self._close_orderly()
+                    return Reason.STOPPING
                 if not holding:
                     self._close_orderly()
                     return Reason.IDLE.format(seconds=self.server.idle_timeout)
@@ -131,7 +148,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
                     reply, close = protocol.feed_eof()
                     if reply:
                         sendall(reply)
-                    return Reason.STOPPING if self.server.stopping else Reason.EOF
+                    return Reason.EOF
                 reply, close = feed(data)
                 if debug:
                     log.debug("Cliente %s: %d bytes recibidos, %d enviados", self.peer,
@@ -183,7 +200,8 @@ class UpperServer(socketserver.ThreadingTCPServer):
     write_timeout: float = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._clients: set[socket.socket] = set()
+        # Open client sockets -> ident of the thread serving each (None until it runs).
+        self._clients: dict[socket.socket, int | None] = {}
         self._clients_lock = threading.Lock()
         self._all_gone = threading.Condition(self._clients_lock)
         self.stopping = False
@@ -203,7 +221,7 @@ class UpperServer(socketserver.ThreadingTCPServer):
         """Admit the client if there is room; otherwise answer one ERROR line (then closed)."""
         with self._clients_lock:
             if len(self._clients) < self.max_clients and not self.stopping:
-                self._clients.add(request)
+                self._clients[request] = None
                 return True
         log.warning("Servidor lleno (%d clientes): rechazado %s", self.max_clients,
                     format_address(client_address))
@@ -215,7 +233,7 @@ class UpperServer(socketserver.ThreadingTCPServer):
     def shutdown_request(self, request: Any) -> None:
         super().shutdown_request(request)
         with self._clients_lock:
-            self._clients.discard(request)
+            self._clients.pop(request, None)
             if not self._clients:
                 self._all_gone.notify_all()
 
@@ -223,18 +241,47 @@ class UpperServer(socketserver.ThreadingTCPServer):
         """A bug, not a client's doing (those are handled in the handler): log it with its trace."""
         log.exception("Error inesperado con el cliente %s", format_address(client_address))
 
-    def close_clients(self, timeout: float) -> bool:
-        """Stop accepting new clients, end every connection in order, wait up to *timeout* s.
+    def attach_thread(self, request: socket.socket) -> None:
+        """Record the calling thread as the one serving *request* (from the handler's setup).
 
-        Shutting down the read side wakes each handler's recv() with end of stream, so it
-        sends what it owes, half-closes and leaves. Returns True when all of them left in time.
+        If the server is already stopping, the socket gets the stop timeouts at once, so the
+        handler's first recv() ends it.
+        """
+        with self._clients_lock:
+            self._clients[request] = threading.get_ident()
+            if self.stopping:
+                self._set_stop_timeouts(request)
+
+    def close_clients(self, timeout: float) -> bool:
+        """Stop admitting clients, end every connection in order, wait up to *timeout* s.
+
+        Each client thread is interrupted with :data:`WAKE_SIGNAL` after its socket got short
+        timeouts: its blocked recv() or send() ends, and it sends what it owes, half-closes and
+        drains like after DESCONEXION. Needs :func:`install_wake_handler` (main thread) first.
+        Returns True when all of them left in time.
         """
         with self._clients_lock:
             self.stopping = True
-            for request in self._clients:
-                with contextlib.suppress(OSError):  # already gone
-                    request.shutdown(socket.SHUT_RD)
+            for request, thread in self._clients.items():
+                self._set_stop_timeouts(request)
+                if thread is not None:
+                    signal.pthread_kill(thread, WAKE_SIGNAL)
             return self._all_gone.wait_for(lambda: not self._clients, timeout)
+
+    @staticmethod
+    def _set_stop_timeouts(request: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already closed by its handler
+            _set_timeout(request, socket.SO_RCVTIMEO, STOP_RECV_SECONDS)
+            _set_timeout(request, socket.SO_SNDTIMEO, STOP_SEND_SECONDS)
+
+
+def install_wake_handler() -> None:
+    """Install the no-op handler that lets :data:`WAKE_SIGNAL` interrupt system calls.
+
+    Call once from the main thread before :meth:`UpperServer.close_clients`; with the default
+    disposition the signal would end the process, and an ignored one interrupts nothing.
+    """
+    signal.signal(WAKE_SIGNAL, lambda signum, frame: None)
 
 
 class UpperServer6(UpperServer):

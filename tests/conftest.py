@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from tcp_upper.server import UpperServer, make_server
+from tcp_upper.server import UpperServer, install_wake_handler, make_server
 
 #: Upper bound for anything a test waits for; generous for a loaded 2-core CI machine.
 DEADLINE = 10.0
@@ -96,6 +96,8 @@ class ThreadedServer:
 def start_server() -> Iterator[Callable[..., ThreadedServer]]:
     """Factory: ``start_server(max_clients=2, idle_timeout=0.5, ...)`` on 127.0.0.1:0."""
     started: list[ThreadedServer] = []
+
+    install_wake_handler()  # close_clients() interrupts client threads with a signal
 
     def start(**options: Any) -> ThreadedServer:
         running = ThreadedServer(make_server("127.0.0.1", 0, **options))
