@@ -494,10 +494,8 @@ class LoadWorker:
                 if conn.state == _CLOSING:
                     self._finish(conn)  # the server kept it open: nothing wrong with the replies
                 else:
-                    self._fail_partial(
-                        conn, "timeout",
-                        f"sin respuesta completa en {self.target.timeout:g} s "
-                        f"(llegaron {conn.got} de {len(conn.expected)} bytes)")
+                    self._fail_partial(conn, "timeout",
+                                       f"{self.target.timeout:g} s de espera")
 
     def _fail_partial(self, conn: _Conn, kind: str, reason: str) -> None:
         """The batch stopped short: wrong bytes so far explain it better than the way it ended."""
@@ -505,7 +503,7 @@ class LoadWorker:
         if received != conn.expected[:len(received)]:
             kind, reason = "mismatch", describe_mismatch(conn.expected, received, self.target.size)
         else:
-            reason += (f" a mitad del lote {conn.batches + 1} ({conn.got} de "
+            reason += (f" en el lote {conn.batches + 1} (llegaron {conn.got} de "
                        f"{len(conn.expected)} bytes de respuesta)")
         self._fail(conn, kind, reason)
 
