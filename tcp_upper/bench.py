@@ -241,7 +241,7 @@ class _Conn:
         self.sock = sock
         self.batch = batch
         self.expected = batch.upper()
-        self.buf: bytearray | None = None
+        self.buf = bytearray()  # replies so far, when a batch's replies arrive in pieces
         self.got = 0
         self.sent = 0
         self.t0 = 0.0
@@ -434,11 +434,9 @@ class LoadWorker:
         self.result.bytes_received += len(data)
         size = self.target.size
         finished_lines = got // size - before // size
-        if before:
-            received: bytes | bytearray = conn.buf  # type: ignore[assignment]
-            received += data
-        elif got < total:
-            received = conn.buf = bytearray(data)
+        if before or got < total:
+            conn.buf += data
+            received: bytes | bytearray = conn.buf
         else:
             received = data  # the usual case: the whole batch's replies in one read
         if got < total:
@@ -449,11 +447,12 @@ class LoadWorker:
             self._fail(conn, "mismatch", describe_mismatch(expected, bytes(received), size))
             return
         latency = self.result.latency
-        for lines, seconds in conn.pending:
-            latency.add(seconds, lines)
         latency.add(now - conn.t0, finished_lines)
-        conn.pending.clear()
-        conn.buf = None
+        if before:  # the batch came in pieces: lines finished by earlier reads count too
+            for lines, seconds in conn.pending:
+                latency.add(seconds, lines)
+            conn.pending.clear()
+            conn.buf.clear()
         conn.got = 0
         conn.batches += 1
         self.result.requests += self.target.depth
@@ -499,7 +498,7 @@ class LoadWorker:
 
     def _fail_partial(self, conn: _Conn, kind: str, reason: str) -> None:
         """The batch stopped short: wrong bytes so far explain it better than the way it ended."""
-        received = bytes(conn.buf or b"")[:conn.got]
+        received = bytes(conn.buf)
         if received != conn.expected[:len(received)]:
             kind, reason = "mismatch", describe_mismatch(conn.expected, received, self.target.size)
         else:

@@ -68,6 +68,11 @@ def reset_early(sock: socket.socket) -> None:
     sock.close()
 
 
+def full(sock: socket.socket) -> None:
+    """Like a full server: one ERROR line instead of replies, then it hangs up."""
+    sock.sendall(b"ERROR servidor lleno\n")
+
+
 def silent(sock: socket.socket) -> None:
     """Reads everything, answers nothing."""
     while sock.recv(65536):
@@ -327,6 +332,13 @@ def test_server_hanging_up_early_is_an_error(capsys, serve, behaviour) -> None:
     assert set(result["errors_by_kind"]) <= {"eof", "reset"}
     if behaviour is reset_early:
         assert result["errors_by_kind"] == {"reset": 2}
+
+
+def test_an_error_line_then_close_is_reported_as_the_wrong_reply_it_is(capsys, serve) -> None:
+    port = serve(full)
+    status, result = run_json(capsys, *RUN, "--port", str(port), "--conns", "2", "--size", "40")
+    assert status == 1 and result["errors_by_kind"] == {"mismatch": 2}
+    assert "llegó 'ERROR servidor lleno\\n'" in result["first_error"]
 
 
 def test_server_that_never_answers_times_out(capsys, serve) -> None:
