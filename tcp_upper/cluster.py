@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -27,10 +26,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Callable
 
 from . import __version__, config
 from .errors import SettingsError, TcpUpperError
@@ -68,7 +66,6 @@ POLL_SECONDS = 0.2
 
 FRONTEND_NAME = "tcp_upper"
 BACKEND_NAME = "tcp_upper_servers"
-_LISTENING = re.compile(r"escuchando en (\S+):(\d+)")
 
 
 class ClusterError(TcpUpperError):
@@ -233,16 +230,42 @@ def free_port(host: str = BACKEND_HOST) -> int:
         return int(probe.getsockname()[1])
 
 
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports that process *pid* (or a direct child of it) listens on; Linux ``/proc``.
+
+    Tells when an instance accepts connections, and on which port, whatever its log level
+    (the listening log line is at INFO) and without connecting to it. Empty if unreadable.
+    """
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(child) for child in (task / "children").read_text().split()]
+    inodes = set()
+    for owner in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{owner}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as lines:
+            next(lines, None)
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 class _Child:
     """One supervised process: its stdout/stderr relayed line by line by a reader thread."""
 
-    def __init__(
-        self, name: str, argv: list[str], on_line: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, name: str, argv: list[str]) -> None:
         self.name = name
         self.started = time.monotonic()
         self.last_lines: collections.deque[str] = collections.deque(maxlen=5)
-        self._on_line = on_line
         self.process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -268,8 +291,6 @@ class _Child:
                 line = raw.rstrip("\r\n")
                 self.last_lines.append(line)
                 relay_log.info("%s | %s", self.name, line)
-                if self._on_line is not None:
-                    self._on_line(line)
 
     def last_words(self) -> str:
         """The child's last non-empty output line, for an error message."""
@@ -290,10 +311,12 @@ class Instance:
     name: str
     port: int
     child: _Child | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
+    #: Its current process listens (on ``port``).
+    ready: bool = False
     exit_reported: bool = False
     restart_at: float | None = None
     restart_delay: float = RESTART_DELAY_SECONDS
+    restart_count: int = 0
 
     @property
     def pid(self) -> int | None:
@@ -304,8 +327,8 @@ class Cluster:
     """N tcp_upper servers on loopback plus HAProxy in front; a context manager.
 
     Call :meth:`start` (or enter the ``with`` block), then :meth:`supervise` periodically;
-    :meth:`stop` always ends every child. Ports of 0 mean any free port: instances report
-    theirs in their listening log line.
+    :meth:`stop` always ends every child. A base port of 0 means any free ports: each
+    instance's real port is read from /proc once it listens.
     """
 
     def __init__(
@@ -403,22 +426,16 @@ class Cluster:
             argv += ["--idle-timeout", f"{self.idle_timeout:g}"]
         if self.env_file is not None:
             argv += ["--env-file", self.env_file]
-        instance.ready.clear()
+        instance.ready = False
         instance.exit_reported = False
         instance.restart_at = None
-
-        def on_line(line: str, instance: Instance = instance) -> None:
-            match = _LISTENING.search(line)
-            if match and not instance.ready.is_set():
-                instance.port = int(match.group(2))
-                instance.ready.set()
-
-        instance.child = _Child(instance.name, argv, on_line)
+        instance.child = _Child(instance.name, argv)
         log.debug("instancia %s arrancada (PID %d)", instance.name, instance.child.pid)
 
     def _wait_ready(self, instance: Instance, deadline: float) -> None:
+        """Wait until the instance listens, as /proc shows it (whatever its log level)."""
         assert instance.child is not None
-        while not instance.ready.wait(0.02):
+        while not self._check_listening(instance):
             if instance.child.process.poll() is not None:
                 instance.child.join_output(1.0)
                 raise ClusterError(
@@ -429,6 +446,16 @@ class Cluster:
                     f"la instancia {instance.name} no empezó a escuchar en "
                     f"{START_TIMEOUT_SECONDS:g} s: {instance.child.last_words()}"
                 )
+            time.sleep(0.02)
+
+    def _check_listening(self, instance: Instance) -> bool:
+        """True once the instance listens (learning its port if it was 0); never blocks."""
+        if not instance.ready and instance.child is not None:
+            ports = listening_ports(instance.child.pid)
+            if ports and (instance.port in ports or instance.port == 0):
+                instance.port = instance.port or min(ports)
+                instance.ready = True
+        return instance.ready
 
     def _wait_haproxy(self, deadline: float) -> None:
         assert self._haproxy is not None
@@ -492,7 +519,14 @@ class Cluster:
         now = time.monotonic()
         for instance in self.instances:
             child = instance.child
-            if child is None or child.process.poll() is None:
+            if child is None:
+                continue
+            if child.process.poll() is None:
+                if instance.restart_count and not instance.ready and (
+                    self._check_listening(instance)
+                ):
+                    log.info("La instancia %s vuelve a escuchar en el puerto %d (PID %d)",
+                             instance.name, instance.port, child.pid)
                 continue
             if not instance.exit_reported:
                 instance.exit_reported = True
@@ -500,6 +534,7 @@ class Cluster:
             if instance.restart_at is not None and now >= instance.restart_at:
                 log.info("Reiniciando la instancia %s en el puerto %d", instance.name,
                          instance.port)
+                instance.restart_count += 1
                 self._spawn(instance)
 
     def _report_exit(self, instance: Instance, child: _Child, now: float) -> None:
