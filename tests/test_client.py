@@ -33,7 +33,7 @@ TRANSCRIPT = (
 )
 
 DISCONNECTED = re.compile(r"Cliente (\S+) desconectado: (.+)$")
-RECEIVED = re.compile(r": (\d+) bytes recibidos$")
+RECEIVED = re.compile(r"\b(\d+) bytes recibidos")
 
 
 # --- helpers ------------------------------------------------------------------------------------

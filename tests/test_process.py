@@ -1,0 +1,444 @@
+"""The server process (SPEC section 4): its log, a port in use, signals, log levels and limits.
+
+Every server here is ``python -m tcp_upper.server`` started by the ``spawn_server`` fixture (an
+empty temporary directory, TCP_UPPER_* variables removed, 127.0.0.1, port 0 unless given) and
+stopped by it. Clients are plain sockets whose every read is bounded by ``DEADLINE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import resource
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    DEADLINE,
+    LISTENING,
+    ServerProcess,
+    connect,
+    recv_exactly,
+    recv_until_closed,
+    wait_until,
+)
+
+TIMESTAMPED = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S"
+)
+
+#: SPEC: exit within 2 s of SIGINT/SIGTERM. Asserted with 0.5 s of slack for a loaded CI machine.
+STOP_LIMIT = 2.5
+
+
+def peer(sock: socket.socket) -> str:
+    """How the server's log names this client: its ``host:port`` as the server sees it."""
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def lines_about(process: ServerProcess, sock_peer: str, pattern: str) -> list[str]:
+    regex = re.compile(rf"Cliente {re.escape(sock_peer)}\b.*{pattern}")
+    return [line for line in list(process.lines) if regex.search(line)]
+
+
+def count(process: ServerProcess, pattern: str) -> int:
+    regex = re.compile(pattern)
+    return sum(1 for line in list(process.lines) if regex.search(line))
+
+
+def bytes_received(process: ServerProcess, sock_peer: str) -> int:
+    """Bytes the server read from one client, from its DEBUG traffic lines."""
+    return sum(int(re.search(r"(\d+) bytes recibidos", line).group(1))  # type: ignore[union-attr]
+               for line in lines_about(process, sock_peer, r"bytes recibidos"))
+
+
+def free_port() -> int:
+    """A loopback port free right now (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def soft_open_files(pid: int) -> int:
+    """The soft "Max open files" limit of a running process, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def wait_idle(process: ServerProcess) -> None:
+    """Wait until the server's main thread is back in poll(), done admitting clients.
+
+    A signal that lands while it is still admitting one is lost (the xfail
+    test_signal_during_a_burst_of_connections); tests of other stop behaviour wait for this
+    first so that each tests one thing. Where /proc does not tell, it returns at once.
+    """
+    path = Path(f"/proc/{process.pid}/task/{process.pid}/wchan")
+
+    def idle() -> bool:
+        try:
+            wchan = path.read_text()
+        except OSError:
+            return True
+        return wchan in ("", "0") or "poll" in wchan or "select" in wchan
+
+    wait_until(idle, what="the server's main thread waiting in poll()")
+
+
+def stop(process: ServerProcess, signum: int = signal.SIGTERM) -> float:
+    """Signal the idle server; assert it exits 0 within STOP_LIMIT; return how long it took."""
+    wait_idle(process)
+    started = time.monotonic()
+    process.signal(signum)
+    status = process.wait()
+    elapsed = time.monotonic() - started
+    assert status == 0, process.log
+    assert elapsed < STOP_LIMIT, f"took {elapsed:.2f} s to stop"
+    return elapsed
+
+
+@contextlib.contextmanager
+def child_open_file_limit(soft: int, hard: int) -> Iterator[None]:
+    """Processes started inside this block get RLIMIT_NOFILE (*soft*, *hard*), set in the child.
+
+    ``spawn_server`` builds its ``subprocess.Popen`` itself; wrapping Popen for the duration of
+    the call is the one way to add a ``preexec_fn`` without touching the test process's limits.
+    """
+    real_popen = subprocess.Popen
+
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def popen(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return real_popen(*args, preexec_fn=set_limit, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", popen)
+        yield
+
+
+# --- listening and the log ---------------------------------------------------------------------
+
+
+def test_port_zero_logs_the_real_port_once_accepting(spawn_server):
+    process = spawn_server()
+    # The fixture returned as soon as the line appeared: connecting right away must work.
+    with connect(process.port) as sock:
+        sock.sendall(b"hola")
+        assert recv_exactly(sock, 4) == b"HOLA"
+    assert process.port != 0
+    assert f"127.0.0.1:{process.port}" in process.log
+    assert count(process, LISTENING.pattern) == 1
+    stop(process)
+
+
+def test_every_log_line_has_a_timestamp(spawn_server):
+    process = spawn_server("--log-level", "DEBUG")
+    with connect(process.port) as sock:
+        sock.sendall(b"hola\nDESCONEXION\n")
+        assert recv_until_closed(sock) == b"HOLA\n"
+    with connect(process.port) as sock:
+        sock.sendall(b"adios")
+        assert recv_exactly(sock, 5) == b"ADIOS"
+    wait_until(lambda: count(process, "desconectado") >= 2, what="two disconnect lines")
+    stop(process)
+    lines = list(process.lines)
+    assert len(lines) >= 8  # listening, 2x(connect, traffic, disconnect), stop
+    for line in lines:
+        assert TIMESTAMPED.match(line), line
+
+
+def test_port_in_use_exits_1_with_one_line(spawn_server):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        process = spawn_server("--port", str(port), wait=False)
+        assert process.wait() == 1
+    lines = [line for line in process.lines if line.strip()]
+    assert len(lines) == 1, process.log
+    assert str(port) in lines[0]
+    assert "--port" in lines[0]  # how to pick another
+    assert "Traceback" not in process.log
+
+
+# --- signals -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_in_order_and_the_port_is_reusable(signum, spawn_server):
+    process = spawn_server("--log-level", "DEBUG")
+    port = process.port
+    idle = [connect(port) for _ in range(50)]  # they never react: the server must not wait
+    pending = connect(port)  # a 32 KiB reply it has not read yet
+    held = connect(port)  # "des" could still become DESCONEXION: held back by the server
+    late = connect(port)  # sends its line right before the signal
+    clients = [*idle, pending, held, late]
+    try:
+        wait_until(lambda: count(process, r"conectado \(") >= len(clients),
+                   what="every client accepted")
+        payload = b"x" * 32768 + b"\n"
+        pending.sendall(payload)
+        held.sendall(b"des")
+        wait_until(lambda: bytes_received(process, peer(pending)) == len(payload)
+                   and bytes_received(process, peer(held)) == 3, what="the server read it all")
+        wait_idle(process)
+        late.sendall(b"hola\n")
+
+        started = time.monotonic()
+        process.signal(signum)
+        # Orderly: every reply due is delivered, then end of stream (b""), never a reset.
+        # These three close on end of stream, as real clients do.
+        assert recv_until_closed(pending) == payload.upper()
+        assert recv_until_closed(held) == b"DES"
+        assert recv_until_closed(late) == b"HOLA\n"
+        for sock in (pending, held, late):
+            sock.close()
+        for sock in idle:
+            assert sock.recv(1) == b""
+        status = process.wait()
+        elapsed = time.monotonic() - started
+        assert status == 0
+        assert elapsed < STOP_LIMIT, f"took {elapsed:.2f} s to stop"
+    finally:
+        for sock in clients:
+            sock.close()
+    assert "Traceback" not in process.log
+    assert count(process, r"desconectado") == len(clients)
+
+    again = spawn_server("--port", str(port))
+    assert again.port == port
+    with connect(port) as sock:
+        sock.sendall(b"otra vez\n")
+        assert recv_exactly(sock, 9) == b"OTRA VEZ\n"
+    stop(again)
+
+
+def test_signal_while_clients_are_still_sending(spawn_server):
+    process = spawn_server()
+    clients = [connect(process.port) for _ in range(4)]
+    errors: dict[int, OSError] = {}
+    ended: set[int] = set()
+    try:
+        for sock in clients:
+            sock.sendall(b"hola\n")
+            assert recv_exactly(sock, 5) == b"HOLA\n"  # admitted and served
+            sock.setblocking(False)
+        wait_idle(process)
+        chunk = b"b" * 65536
+        with selectors.DefaultSelector() as selector:
+            for index, sock in enumerate(clients):
+                selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, index)
+            started = time.monotonic()
+            process.signal(signal.SIGTERM)
+            # Each client writes whenever it can and reads whatever comes back, as a client
+            # streaming a file would, until its stream ends (or fails); then it closes.
+            while selector.get_map() and time.monotonic() - started < DEADLINE:
+                for key, events in selector.select(timeout=0.1):
+                    sock, index = key.fileobj, key.data
+                    assert isinstance(sock, socket.socket)
+                    try:
+                        if events & selectors.EVENT_READ:
+                            data = sock.recv(1 << 20)
+                            assert set(data) <= set(b"B")
+                            if not data:
+                                ended.add(index)
+                                selector.unregister(sock)
+                                sock.close()
+                                continue
+                        if events & selectors.EVENT_WRITE:
+                            sock.send(chunk)
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        errors[index] = exc
+                        selector.unregister(sock)
+        status = process.wait()
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in clients:
+            sock.close()
+    assert not errors, f"resets instead of an end of stream: {errors}"
+    assert ended == set(range(len(clients)))
+    assert status == 0
+    assert elapsed < STOP_LIMIT, f"took {elapsed:.2f} s to stop"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a SIGTERM/SIGINT that lands while the main thread "
+                   "is admitting a client is lost: _StopRequested (an Exception) is raised inside "
+                   "process_request and swallowed by socketserver's _handle_request_noblock "
+                   "(logged as 'Error inesperado' with a traceback); both signals are already "
+                   "SIG_IGN, so the server never stops")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_a_burst_of_connections(signum, spawn_server):
+    process = spawn_server()
+    done = threading.Event()
+    connects = [0] * 4  # per thread: no shared counter to lock
+
+    def burst(slot: int) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", process.port), timeout=1):
+                    connects[slot] += 1
+            except OSError:
+                if process.proc.poll() is not None:
+                    return
+
+    threads = [threading.Thread(target=burst, args=(slot,), daemon=True) for slot in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: sum(connects) >= 200, what="a burst of connections")
+        started = time.monotonic()
+        process.signal(signum)
+        status = process.wait(timeout=STOP_LIMIT)  # kills it and fails if it does not stop
+        elapsed = time.monotonic() - started
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+    assert status == 0
+    assert elapsed < STOP_LIMIT
+    assert "Traceback" not in process.log
+
+
+# --- log levels --------------------------------------------------------------------------------
+
+
+def test_debug_shows_traffic(spawn_server):
+    process = spawn_server("--log-level", "DEBUG")
+    with connect(process.port) as sock:
+        sock.sendall(b"hola\n")
+        assert recv_exactly(sock, 5) == b"HOLA\n"
+        me = peer(sock)
+        wait_until(lambda: lines_about(process, me, r"\b5 (bytes )?enviados"),
+                   what="a DEBUG line for the 5 bytes sent")
+        assert lines_about(process, me, r"\b5 bytes recibidos")
+        assert all(" DEBUG " in line for line in lines_about(process, me, "bytes"))
+    stop(process)
+
+
+def test_info_one_connect_and_one_disconnect_line_per_client(spawn_server):
+    process = spawn_server()  # INFO is the default
+    command, eof, reset = connect(process.port), connect(process.port), connect(process.port)
+    peers = {name: peer(sock) for name, sock in
+             (("command", command), ("eof", eof), ("reset", reset))}
+    try:
+        for sock in (command, eof, reset):
+            sock.sendall(b"hola\n")
+            assert recv_exactly(sock, 5) == b"HOLA\n"
+        command.sendall(b"DESCONEXION\n")
+        assert recv_until_closed(command) == b""
+        eof.shutdown(socket.SHUT_WR)
+        assert recv_until_closed(eof) == b""
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        for sock in (command, eof, reset):
+            sock.close()  # the last one with a reset (linger 0)
+    wait_until(lambda: count(process, "desconectado") >= 3, what="three disconnect lines")
+
+    reasons = {"command": "DESCONEXION", "eof": "fin", "reset": "reinici"}
+    for name, sock_peer in peers.items():
+        assert len(lines_about(process, sock_peer, r"conectado \(")) == 1, process.log
+        disconnects = lines_about(process, sock_peer, r"desconectado")
+        assert len(disconnects) == 1, process.log
+        assert reasons[name] in disconnects[0]
+    assert "bytes" not in process.log  # no traffic lines at INFO
+    assert "hola" not in process.log.lower()  # never payloads at INFO
+    stop(process)
+    assert "Traceback" not in process.log
+
+
+def test_warning_shows_no_connect_lines(spawn_server):
+    # At WARNING the listening line (INFO) is not shown, so the port is chosen here.
+    port = free_port()
+    process = spawn_server("--log-level", "WARNING", "--port", str(port), wait=False)
+
+    def connected() -> socket.socket | None:
+        with contextlib.suppress(ConnectionRefusedError):
+            return connect(port)
+        assert process.proc.poll() is None, process.log
+        return None
+
+    with wait_until(connected, what="the server accepting") as sock:
+        sock.sendall(b"hola\nDESCONEXION\n")
+        assert recv_until_closed(sock) == b"HOLA\n"
+    stop(process)
+    assert "conectado" not in process.log
+    assert not re.search(r" (INFO|DEBUG) ", process.log)
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+def test_max_clients_from_the_command_line(spawn_server):
+    process = spawn_server("--max-clients", "2")
+    first, second = connect(process.port), connect(process.port)
+    try:
+        for sock in (first, second):
+            sock.sendall(b"dentro\n")
+            assert recv_exactly(sock, 7) == b"DENTRO\n"  # both admitted
+        with connect(process.port) as third:
+            refusal = recv_until_closed(third)
+        assert refusal.startswith(b"ERROR")
+        assert refusal.endswith(b"\n")
+        assert refusal.count(b"\n") == 1
+        process.wait_for_log(r"lleno")
+        for sock in (first, second):  # the others are unaffected
+            sock.sendall(b"sigo\n")
+            assert recv_exactly(sock, 5) == b"SIGO\n"
+        first.sendall(b"DESCONEXION\n")
+        assert recv_until_closed(first) == b""
+        first.close()  # as a client does on end of stream: the server's drain ends at once
+        wait_until(lambda: count(process, "desconectado") >= 1, what="the slot freed")
+        with connect(process.port) as fourth:  # a freed slot is reused
+            fourth.sendall(b"nuevo\n")
+            assert recv_exactly(fourth, 6) == b"NUEVO\n"
+    finally:
+        first.close()
+        second.close()
+    stop(process)
+
+
+def test_open_file_soft_limit_is_raised(spawn_server):
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 1024
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves no room above {low}")
+    # Start the server with the usual low soft limit and the hard limit of this machine.
+    with child_open_file_limit(low, hard):
+        process = spawn_server()
+    raised = soft_open_files(process.pid)
+    assert raised > low
+    default_max_clients = 10_000
+    wanted = default_max_clients if hard == resource.RLIM_INFINITY else min(hard,
+                                                                            default_max_clients)
+    assert raised >= wanted
+    with connect(process.port) as sock:
+        sock.sendall(b"ok\n")
+        assert recv_exactly(sock, 3) == b"OK\n"
+    stop(process)
+
+
+def test_warns_when_max_clients_exceeds_the_hard_limit(spawn_server):
+    with child_open_file_limit(256, 256):
+        process = spawn_server("--max-clients", "1000")
+    warnings = [line for line in process.lines if " WARNING " in line]
+    assert len(warnings) == 1, process.log
+    assert "256" in warnings[0] and "1000" in warnings[0]
+    assert soft_open_files(process.pid) == 256
+    with connect(process.port) as sock:  # it still starts and serves
+        sock.sendall(b"ok\n")
+        assert recv_exactly(sock, 3) == b"OK\n"
+    stop(process)
