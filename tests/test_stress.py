@@ -1,0 +1,805 @@
+"""Load, fault and leak tests: the server among thousands of clients it does not control.
+
+Every test here is marked ``stress`` (CI still runs them) and bounded to seconds: loops have a
+count and a deadline, waits are on conditions (``wait_until``, socket timeouts), and the only
+sleeps are pauses that are themselves the behaviour under test (named, with the reason).
+Everything runs on 127.0.0.1 with ports chosen by the kernel.
+
+The oracle for reply bytes is the contract's model: decode with ``surrogateescape`` (invalid
+UTF-8 passes through), ``str.upper``, encode back. Replies must not depend on TCP chunking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import resource
+import select
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+from conftest import (
+    DEADLINE,
+    ServerProcess,
+    ThreadedServer,
+    connect,
+    recv_exactly,
+    recv_until_closed,
+    wait_until,
+)
+
+from tcp_upper.protocol import HOLD_BACK_SECONDS, is_command
+from tcp_upper.server import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Reason
+
+LOGGER = "tcp_upper"
+
+#: Open files this module needs at once (1000-connection burst plus the server's side when it
+#: runs in-process); the soft limit is raised toward it.
+FILES_NEEDED = 4096
+
+#: SIGTERM/SIGINT must end the server within 2 s (SPEC section 4); a loaded CI machine gets 0.5 s
+#: of slack.
+STOP_LIMIT = 2.5
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def model(data: bytes) -> bytes:
+    """The reply the contract prescribes for *data* when it holds no disconnect command."""
+    return data.decode("utf-8", "surrogateescape").upper().encode("utf-8", "surrogateescape")
+
+
+def reset(sock: socket.socket) -> None:
+    """Close abruptly: SO_LINGER (on, 0 s) makes the kernel send RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def peer_name(sock: socket.socket) -> str:
+    """How the server writes this client in its log."""
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def recv_all(sock: socket.socket, limit: int = 64 << 20) -> tuple[bytes, OSError | None]:
+    """Read until end of stream or an error; return the bytes and the error (None: clean EOF)."""
+    data = bytearray()
+    try:
+        while len(data) <= limit:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return bytes(data), None
+            data += chunk
+    except OSError as exc:
+        return bytes(data), exc
+    pytest.fail(f"more than {limit} bytes without an end of stream")
+
+
+def first_difference(got: bytes, expected: bytes) -> int:
+    """Index of the first byte where *got* and *expected* differ (they do)."""
+    same = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    return min(len(got), len(expected)) if same is None else same
+
+
+def run_concurrently(*jobs: Callable[[], Any], timeout: float = 3 * DEADLINE) -> None:
+    """Run *jobs* in threads; fail if one raises (re-raised here) or outlives *timeout*."""
+    errors: list[BaseException] = []
+
+    def guarded(job: Callable[[], Any]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # pytest.fail raises a BaseException too
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(job,), daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        raise errors[0]
+    stuck = sum(thread.is_alive() for thread in threads)
+    if stuck:
+        pytest.fail(f"{stuck} of {len(threads)} client threads still running after {timeout} s")
+
+
+def fd_count(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def status_field(pid: int, field: str) -> int:
+    """An integer field of /proc/PID/status (``VmRSS`` in KiB, ``Threads``)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_lines(text: str, pattern: str) -> list[str]:
+    regex = re.compile(pattern)
+    return [line for line in text.splitlines() if regex.search(line)]
+
+
+def problems(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
+    """Captured records at *level* or above, or carrying a traceback."""
+    return [record.getMessage() for record in caplog.records
+            if record.levelno >= level or record.exc_info]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def many_open_files() -> Iterator[None]:
+    """Raise this process's soft open-file limit (a soft 1024 is common on CI)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FILES_NEEDED if hard == resource.RLIM_INFINITY else min(FILES_NEEDED, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def tcp_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Records of the ``tcp_upper`` loggers from INFO up (all threads)."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    return caplog
+
+
+# --- resets --------------------------------------------------------------------------------------
+
+def _reset_client(port: int, kind: int, rng: random.Random) -> None:
+    """One client that ends with RST at one of six awkward moments."""
+    sock = connect(port)
+    try:
+        if kind == 0:  # right after connecting, before a byte
+            pass
+        elif kind == 1:  # mid-reply: a quarter MiB sent, nothing read
+            sock.sendall(rng.randbytes(256 * 1024))
+        elif kind == 2:  # mid-stream: some replies read, more requested
+            for turn in range(3):
+                sock.sendall(b"linea %d\n" % turn)
+                assert recv_exactly(sock, 8) == b"LINEA %d\n" % turn
+            sock.sendall(b"y sigo " * 5000)
+        elif kind == 3:  # while the server holds back a possible DESCONEXION
+            sock.sendall(b"hola\nDESCON")
+            assert recv_exactly(sock, 5) == b"HOLA\n"
+        elif kind == 4:  # during the orderly close after DESCONEXION, still writing
+            sock.sendall(b"adios\nDESCONEXION\n" + b"basura " * 10000)
+            assert recv_exactly(sock, 6) == b"ADIOS\n"
+        else:  # after half-closing, before reading the replies
+            sock.sendall(b"medio cierre " * 1000)
+            sock.shutdown(socket.SHUT_WR)
+    finally:
+        reset(sock)
+
+
+def _good_client(port: int, turns: int, rng: random.Random) -> None:
+    """Request/reply turns with random text; every byte checked."""
+    with connect(port) as sock:
+        for _ in range(turns):
+            line = rng.randbytes(rng.randrange(1, 3000)).replace(b"\n", b"-") + b"\n"
+            if is_command(line[:-1].decode("utf-8", "surrogateescape")):
+                continue
+            expected = model(line)
+            sock.sendall(line)
+            assert recv_exactly(sock, len(expected)) == expected
+        sock.sendall(b"DESCONEXION\n")
+        assert recv_until_closed(sock) == b""
+
+
+@pytest.mark.stress
+def test_hundreds_of_abrupt_resets_among_good_clients(server: ThreadedServer,
+                                                       tcp_log: pytest.LogCaptureFixture) -> None:
+    resets_per_thread, reset_threads, good_threads, turns = 50, 6, 4, 100
+    port = server.port
+
+    def resetter(seed: int) -> Callable[[], None]:
+        def run() -> None:
+            rng = random.Random(seed)
+            for number in range(resets_per_thread):
+                _reset_client(port, (seed + number) % 6, rng)
+        return run
+
+    def good(seed: int) -> Callable[[], None]:
+        return lambda: _good_client(port, turns, random.Random(1000 + seed))
+
+    run_concurrently(*(resetter(seed) for seed in range(reset_threads)),
+                     *(good(seed) for seed in range(good_threads)))
+    clients = resets_per_thread * reset_threads + good_threads
+    wait_until(lambda: server.server.active_clients == 0, what="every client gone")
+    _good_client(port, 5, random.Random(7))  # and it still serves
+
+    text = tcp_log.text
+    assert len(log_lines(text, r"Cliente \S+ conectado")) == clients + 1
+    wait_until(lambda: len(log_lines(tcp_log.text, r"desconectado")) == clients + 1,
+               what="one disconnect line per client")
+    assert not problems(tcp_log), "a reset is a client's right: INFO, no warning, no traceback"
+    assert "Traceback" not in tcp_log.text
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=True, reason="BUG: a client that resets right after DESCONEXION is "
+                   "logged as 'error de red: Transport endpoint is not connected' (ENOTCONN "
+                   "from shutdown() in _close_orderly) instead of DESCONEXION or reset")
+def test_a_reset_right_after_desconexion_is_logged_as_such(server: ThreadedServer,
+                                                         tcp_log: pytest.LogCaptureFixture) -> None:
+    attempts = 200  # the reset races the server's half-close; a third of them lose, here
+    for _ in range(attempts):
+        sock = connect(server.port)
+        sock.sendall(b"hola\nDESCONEXION\n")
+        assert recv_exactly(sock, 5) == b"HOLA\n"
+        reset(sock)
+    wait_until(lambda: len(log_lines(tcp_log.text, "desconectado")) == attempts,
+               what="one disconnect line per client")
+    reasons = {line.split(": ", 1)[1] for line in log_lines(tcp_log.text, "desconectado")}
+    assert reasons <= {Reason.COMMAND, Reason.RESET}
+
+
+# --- random and hostile bytes --------------------------------------------------------------------
+
+#: Pieces random streams are made of: every awkward case of the protocol, weighted toward them.
+_PIECES = [
+    b"\n", b"\r\n", b"\r", b" ", b"\t", b"d", b"D", b"\nd", b"\n  D", b"\ndescon", b"\nDESCONEXI",
+    b"\nDESCONEXIONES", b"\ndesconexion x", "\nDESCONEXIÓ".encode(), b"\nDESCONEXIO\xcc",
+    b"\x00", b"\xff", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\xc0\xaf", b"\x80\xbf",
+    "ñandú".encode(), "straße".encode(), "ﬁ".encode(), "ǆ".encode(), "ΐ".encode(),
+    "\u0301".encode(), "€".encode(), "😀".encode(), "\u017f".encode(), "\u212a".encode(),
+    b"hola mundo", b"abc", b"xyz",
+]
+
+
+def random_stream(rng: random.Random, size: int) -> bytes:
+    """Random bytes and awkward pieces; no line of it is the disconnect command."""
+    parts: list[bytes] = []
+    length = 0
+    while length < size:
+        part = rng.choice(_PIECES) if rng.random() < 0.6 else rng.randbytes(rng.randrange(1, 64))
+        parts.append(part)
+        length += len(part)
+    lines = b"".join(parts).split(b"\n")
+    return b"\n".join(b"x" + line if is_command(line.decode("utf-8", "surrogateescape")) else line
+                      for line in lines)
+
+
+def stream_through(port: int, data: bytes, rng: random.Random, pauses: int = 0) -> bytes:
+    """Send *data* in random chunks while reading replies; half-close; return every reply byte.
+
+    *pauses*: that many times, wait longer than the hold-back pause between two chunks, so a
+    held-back line start is settled by the timer rather than by the next byte.
+    """
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, len(data) // 1500)))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    pause_at = set(rng.sample(range(len(chunks)), min(pauses, len(chunks))))
+    with connect(port) as sock:
+        received: list[tuple[bytes, OSError | None]] = []
+        reader = threading.Thread(target=lambda: received.append(recv_all(sock)), daemon=True)
+        reader.start()
+        for number, chunk in enumerate(chunks):
+            sock.sendall(chunk)
+            if number in pause_at:
+                time.sleep(HOLD_BACK_SECONDS * 1.5)  # the pause under test: let the timer settle
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(DEADLINE)
+        assert received, "no end of stream within the deadline"
+    reply, error = received[0]
+    assert error is None, f"{error!r} after {len(reply)} bytes"
+    return reply
+
+
+@pytest.mark.stress
+def test_random_byte_streams_come_back_byte_for_byte(server: ThreadedServer,
+                                                      tcp_log: pytest.LogCaptureFixture) -> None:
+    clients, size = 8, 256 * 1024
+    results: dict[int, tuple[bytes, bytes]] = {}
+
+    def client(seed: int) -> Callable[[], None]:
+        def run() -> None:
+            rng = random.Random(seed)
+            data = random_stream(rng, size)
+            results[seed] = data, stream_through(server.port, data, rng, pauses=2)
+        return run
+
+    run_concurrently(*(client(seed) for seed in range(clients)))
+    for seed, (data, reply) in sorted(results.items()):
+        expected = model(data)
+        if reply != expected:
+            at = first_difference(reply, expected)
+            pytest.fail(f"seed {seed}: reply differs from the model at byte {at} of "
+                        f"{len(expected)} (got {len(reply)}): {reply[at - 20:at + 20]!r} vs "
+                        f"{expected[at - 20:at + 20]!r}")
+    assert len(results) == clients
+    assert not problems(tcp_log)
+
+
+#: Hostile inputs, each sent by its own client: name -> bytes. None is the disconnect command.
+HOSTILE = {
+    "NUL bytes": b"\x00" * (1 << 20),
+    "0xFF bytes": b"\xff" * (1 << 20),
+    "random high bytes": bytes(random.Random(1).randrange(0x80, 0x100) for _ in range(1 << 18)),
+    "overlong and surrogates": b"\xc0\xaf\xed\xa0\x80\xf4\x90\x80\x80\xf8\x88\x80\x80\x80" * 20000,
+    "truncated sequences": b"\xe2\x82 \xf0\x9f\x98 \xc3" * 30000,
+    "a long line": "abc ñandú straße xyz\t".encode() * 400_000,
+    "empty lines": b"\n" * 200_000,
+    "CR-only lines": b"hola\r" * 100_000,
+    "CRLF empty lines": b"\r\n" * 100_000,
+    "blank lines": (b" \t" * 20 + b"\n") * 20_000,
+    "line starts that could be the command": b"\nd\nD\n d\n\tD" * 20_000,
+    "near misses": ("DESCONEXIO\nDESCONEXIONES\nno desconexion\n" + " " * 33 + "DESCONEXION\n"
+                    "DESCONEXION x\nDESCONEXIÓ\n").encode() * 3000,
+    "byte-order marks": "\ufeffhola\ufeff\n".encode() * 20_000,
+}
+
+
+@pytest.mark.stress
+def test_garbage_and_hostile_input_is_answered_exactly(server: ThreadedServer,
+                                                        tcp_log: pytest.LogCaptureFixture) -> None:
+    for name, data in HOSTILE.items():
+        lines = data.decode("utf-8", "surrogateescape").split("\n")
+        assert not any(map(is_command, lines)), f"{name}: has a command line"
+    replies: dict[str, bytes] = {}
+    done = threading.Event()
+    latencies: list[float] = []
+
+    def hostile(name: str, seed: int) -> Callable[[], None]:
+        def run() -> None:
+            replies[name] = stream_through(server.port, HOSTILE[name], random.Random(seed))
+        return run
+
+    def bystander() -> None:
+        """A well-behaved client, meanwhile: its replies must keep coming promptly."""
+        with connect(server.port) as sock:
+            for turn in range(10_000):
+                began = time.monotonic()
+                sock.sendall(b"sigo %d\n" % turn)
+                assert recv_exactly(sock, len(b"SIGO %d\n" % turn)) == b"SIGO %d\n" % turn
+                latencies.append(time.monotonic() - began)
+                if done.wait(0.01):  # pacing: about 100 requests a second
+                    break
+
+    def hostiles() -> None:
+        try:
+            run_concurrently(*(hostile(name, seed) for seed, name in enumerate(HOSTILE)))
+        finally:
+            done.set()
+
+    run_concurrently(hostiles, bystander)
+    for name, data in HOSTILE.items():
+        assert replies[name] == model(data), name
+    assert len(latencies) >= 5
+    assert max(latencies) < 1.0, f"a bystander waited {max(latencies):.2f} s for a reply"
+    assert not problems(tcp_log)
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+#: The no-newline stream: at least this much, then on until the time budget or the maximum.
+BIG_STREAM_MIN, BIG_STREAM_MAX, BIG_STREAM_SECONDS = 128 << 20, 1 << 30, 2.5
+
+#: How much the server's resident memory may grow while one client streams through it.
+RSS_GROWTH_LIMIT_KIB = 30 * 1024
+
+
+def _big_block(rng: random.Random) -> bytes:
+    """1 MiB without a newline: mostly ASCII, some UTF-8 and some bytes that are never UTF-8.
+
+    Made of whole pieces, so the model of a stream of blocks is the blocks' models joined,
+    however the server's reads cut them.
+    """
+    pieces = [b"abcdefghijklmnopqrstuvwxyz ", "ñandú".encode(), "straße".encode(), b"\xff",
+              b"\xfe\x80", "😀".encode(), b"\t0123456789 "]
+    parts: list[bytes] = []
+    length = 0
+    while length < 1 << 20:
+        part = rng.choice(pieces)
+        parts.append(part)
+        length += len(part)
+    return b"".join(parts)
+
+
+@pytest.mark.stress
+def test_a_huge_line_streams_through_in_bounded_memory(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    process = spawn_server()
+    block = _big_block(random.Random(3))
+    expected_block = model(block)
+    with connect(process.port) as sock:
+        sock.sendall(b"hola")  # the handler thread exists and has served once
+        assert recv_exactly(sock, 4) == b"HOLA"
+        baseline = peak = status_field(process.pid, "VmRSS")
+        got = {"bytes": 0, "crc": 0}
+        outcome: list[OSError | None] = []
+
+        def receive() -> None:
+            crc = size = 0
+            try:
+                while True:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    crc = zlib.crc32(chunk, crc)
+            except OSError as exc:
+                outcome.append(exc)
+            got.update(bytes=size, crc=crc)
+            outcome.append(None)
+
+        reader = threading.Thread(target=receive, daemon=True)
+        reader.start()
+        sent = expected_crc = blocks = 0
+        began = time.monotonic()
+        view = memoryview(block)
+        while sent < BIG_STREAM_MAX and (
+                sent < BIG_STREAM_MIN or time.monotonic() - began < BIG_STREAM_SECONDS):
+            sock.sendall(view)
+            sent += len(block)
+            blocks += 1
+            expected_crc = zlib.crc32(expected_block, expected_crc)
+            if blocks % 8 == 0:
+                peak = max(peak, status_field(process.pid, "VmRSS"))
+        peak = max(peak, status_field(process.pid, "VmRSS"))
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(DEADLINE)
+        elapsed = time.monotonic() - began
+    assert outcome == [None], f"the stream ended with {outcome}"
+    expected_size = blocks * len(expected_block)
+    assert got["bytes"] == expected_size
+    assert got["crc"] == expected_crc
+    assert peak - baseline < RSS_GROWTH_LIMIT_KIB, (
+        f"RSS grew from {baseline} KiB to {peak} KiB while streaming {sent >> 20} MiB")
+    print(f"streamed {sent >> 20} MiB in {elapsed:.1f} s; RSS {baseline} -> {peak} KiB")
+
+
+# --- leaks -----------------------------------------------------------------------------------
+
+def _cycle(port: int, kind: str) -> None:
+    """One connection from connect to close, ending the *kind* way; replies checked."""
+    sock = connect(port)
+    try:
+        if kind == "command":
+            sock.sendall(b"hola\nDESCONEXION\n")
+            assert recv_until_closed(sock) == b"HOLA\n"
+        elif kind == "eof":
+            sock.sendall(b"hola\n")
+            assert recv_exactly(sock, 5) == b"HOLA\n"
+        elif kind == "half-close":
+            sock.sendall(b"hola")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_closed(sock) == b"HOLA"
+        elif kind == "held then eof":
+            sock.sendall(b"desc")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_closed(sock) == b"DESC"
+        elif kind == "reset":
+            sock.sendall(b"hola\n")
+            assert recv_exactly(sock, 5) == b"HOLA\n"
+        elif kind == "reset unread":
+            sock.sendall(b"sin leer " * 8000)
+        elif kind == "immediate close":
+            pass
+        elif kind == "rejected":  # the server is full
+            reply = recv_until_closed(sock)
+            assert reply.startswith(b"ERROR") and reply.count(b"\n") == 1, reply
+        else:
+            raise AssertionError(kind)
+    finally:
+        if kind.startswith("reset"):
+            reset(sock)
+        else:
+            sock.close()
+
+
+CYCLE_KINDS = ("command", "eof", "half-close", "held then eof", "reset", "reset unread",
+               "immediate close")
+
+
+def _idle_batch(port: int, clients: int) -> None:
+    """*clients* silent connections at once; the server must close each (idle timeout)."""
+    socks = [connect(port) for _ in range(clients)]
+    try:
+        for sock in socks:
+            assert recv_until_closed(sock) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _run_cycles(port: int, cap: int, per_kind: int, idle_batches: int, rejections: int) -> int:
+    """Every kind of connection, by the thousand; returns how many connections were made.
+
+    Runs the kinds concurrently from a few threads (plus batches of idle clients), then fills
+    the server to *cap* and has *rejections* clients turned away, then lets the fillers go.
+    """
+    workers, idle_size = 6, 30
+    assert workers + idle_size < cap
+    plan = [kind for kind in CYCLE_KINDS for _ in range(per_kind)]
+    random.Random(5).shuffle(plan)
+
+    def worker(share: list[str]) -> Callable[[], None]:
+        return lambda: [_cycle(port, kind) for kind in share]
+
+    def idle() -> None:
+        for _ in range(idle_batches):
+            _idle_batch(port, idle_size)
+
+    run_concurrently(idle, *(worker(plan[n::workers]) for n in range(workers)))
+
+    fillers = [connect(port) for _ in range(cap)]
+    try:
+        for number, sock in enumerate(fillers):  # all admitted: each answers
+            sock.sendall(b"f%d\n" % number)
+            assert recv_exactly(sock, len(b"F%d\n" % number)) == b"F%d\n" % number
+        run_concurrently(*(lambda: [_cycle(port, "rejected")
+                                    for _ in range(rejections // workers)]
+                           for _ in range(workers)))
+    finally:
+        for sock in fillers:
+            sock.sendall(b"DESCONEXION\n")
+        for sock in fillers:
+            assert recv_until_closed(sock) == b""
+            sock.close()
+    return len(plan) + idle_batches * idle_size + cap + rejections // workers * workers
+
+
+@pytest.mark.stress
+def test_thousands_of_connections_leak_no_fd_or_thread_in_process(
+        start_server: Callable[..., ThreadedServer], tcp_log: pytest.LogCaptureFixture) -> None:
+    cap, idle = 48, 0.3
+    running = start_server(max_clients=cap, idle_timeout=idle)
+    with connect(running.port) as sock:  # the server has served once: lazy set-up done
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"X"
+    wait_until(lambda: running.server.active_clients == 0, what="the warm-up client gone")
+    fds, threads = fd_count(), threading.active_count()
+
+    made = _run_cycles(running.port, cap, per_kind=250, idle_batches=3, rejections=300)
+
+    wait_until(lambda: running.server.active_clients == 0, what="every client gone")
+    wait_until(lambda: fd_count() <= fds, what=f"open fds back to {fds} (now {fd_count()})")
+    wait_until(lambda: threading.active_count() <= threads,
+               what=f"threads back to {threads} (now {threading.active_count()})")
+    assert made >= 2000
+    rejected = log_lines(tcp_log.text, r"lleno")
+    assert len(rejected) == 300 // 6 * 6
+    assert {r.levelname for r in tcp_log.records if "lleno" in r.getMessage()} == {"WARNING"}
+    assert not problems(tcp_log, logging.ERROR)
+    assert "Traceback" not in tcp_log.text
+    print(f"{made} connections; fds {fds}, threads {threads} before and after")
+
+
+#: Resident memory a server process may keep after thousands of connections, beyond what it
+#: had after a first round of each kind (allocator arenas, thread stacks cached by libc).
+RSS_LEAK_LIMIT_KIB = 8 * 1024
+
+
+@pytest.mark.stress
+def test_thousands_of_connections_leak_nothing_in_the_server_process(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    cap = 48
+    process = spawn_server("--max-clients", str(cap), "--idle-timeout", "0.3")
+    pid = process.pid
+
+    def settled() -> bool:
+        return bool(fd_count(pid) <= fds and status_field(pid, "Threads") <= threads)
+
+    fds, threads = fd_count(pid), status_field(pid, "Threads")  # before any client
+    _run_cycles(process.port, cap, per_kind=30, idle_batches=1, rejections=60)  # warm-up
+    wait_until(settled, what="fds and threads back after the warm-up")
+    rss = status_field(pid, "VmRSS")
+
+    made = _run_cycles(process.port, cap, per_kind=300, idle_batches=3, rejections=300)
+
+    wait_until(settled, what=f"fds back to {fds} (now {fd_count(pid)}) and threads to {threads} "
+               f"(now {status_field(pid, 'Threads')})")
+    after = status_field(pid, "VmRSS")
+    assert after - rss < RSS_LEAK_LIMIT_KIB, f"RSS {rss} KiB -> {after} KiB after {made} conns"
+    assert "Traceback" not in process.log
+    assert not log_lines(process.log, r" (ERROR|CRITICAL) ")
+    print(f"{made} connections; server fds {fds}, threads {threads}, RSS {rss} -> {after} KiB")
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+def _readable(sock: socket.socket) -> bool:
+    """True when the socket has bytes (or an end of stream) to read now."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+@pytest.mark.stress
+def test_a_burst_past_max_clients_gets_exactly_cap_admitted(
+        start_server: Callable[..., ThreadedServer], tcp_log: pytest.LogCaptureFixture) -> None:
+    cap, burst = 50, 200
+    running = start_server(max_clients=cap)
+    socks = [connect(running.port) for _ in range(burst)]
+    try:
+        wait_until(lambda: len(log_lines(tcp_log.text, "lleno")) == burst - cap,
+                   what="every connection of the burst decided")
+        wait_until(lambda: sum(map(_readable, socks)) == burst - cap,
+                   what="every refused client sent its ERROR line")
+        refused = [sock for sock in socks if _readable(sock)]
+        admitted = [sock for sock in socks if sock not in refused]
+        assert running.server.active_clients == cap
+        for sock in refused:  # one line, then an orderly end of stream (not a reset)
+            reply, error = recv_all(sock)
+            assert error is None
+            assert reply.startswith(b"ERROR ") and reply.endswith(b"\n")
+            assert reply.count(b"\n") == 1
+        for number, sock in enumerate(admitted):
+            sock.sendall(b"dentro %d\n" % number)
+            assert recv_exactly(sock, len(b"DENTRO %d\n" % number)) == b"DENTRO %d\n" % number
+
+        # Capacity frees as clients leave: ten go, ten newcomers get in, the next is refused.
+        for sock in admitted[:10]:
+            sock.sendall(b"DESCONEXION\n")
+            assert recv_until_closed(sock) == b""
+            sock.close()
+        wait_until(lambda: running.server.active_clients == cap - 10, what="ten places free")
+        newcomers = [connect(running.port) for _ in range(10)]
+        socks += newcomers
+        for number, sock in enumerate(newcomers):
+            sock.sendall(b"nuevo %d\n" % number)
+            assert recv_exactly(sock, len(b"NUEVO %d\n" % number)) == b"NUEVO %d\n" % number
+        with connect(running.port) as one_too_many:
+            assert recv_until_closed(one_too_many).startswith(b"ERROR ")
+    finally:
+        for sock in socks:
+            sock.close()
+    warnings = [r for r in tcp_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == burst - cap + 1
+    assert all("lleno" in r.getMessage() for r in warnings)
+    assert not problems(tcp_log, logging.ERROR)
+
+
+@pytest.mark.stress
+def test_a_burst_of_a_thousand_connects_loses_no_client(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    clients = 1000
+    process = spawn_server()
+    socks: list[socket.socket] = []
+    try:
+        for number in range(clients):  # as fast as the kernel completes handshakes
+            sock = connect(process.port)
+            socks.append(sock)
+            sock.sendall(b"rafaga %d\n" % number)
+        for number, sock in enumerate(socks):
+            expected = b"RAFAGA %d\n" % number
+            assert recv_exactly(sock, len(expected)) == expected
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: len(log_lines(process.log, "desconectado")) == clients,
+               what="every client's disconnect line")
+    assert len(log_lines(process.log, r"Cliente \S+ conectado")) == clients
+    assert "Traceback" not in process.log
+
+
+@pytest.mark.stress
+def test_idle_timeout_closes_the_silent_and_spares_the_talkers(
+        start_server: Callable[..., ThreadedServer], tcp_log: pytest.LogCaptureFixture) -> None:
+    idle, silent_count, talker_count = 0.5, 40, 10
+    running = start_server(idle_timeout=idle)
+    began = time.monotonic()
+    silent = [connect(running.port) for _ in range(silent_count)]
+    talkers = [connect(running.port) for _ in range(talker_count)]
+    socks = silent + talkers
+
+    def keepalive_on() -> list[socket.socket] | None:
+        accepted = list(running.server._clients)  # the server's side of each connection
+        on = [s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) for s in accepted]
+        return accepted if len(accepted) == len(socks) and all(on) else None
+
+    try:
+        # TCP keepalive on every accepted socket, probing well before the 2 h default.
+        for sock in wait_until(keepalive_on, what="every client admitted, keepalive on"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_COUNT
+        assert KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT < 7200
+
+        # The talkers each say something every idle/4, for 3 idle timeouts: never cut.
+        closed: dict[int, float] = {}  # silent client -> when its end of stream was seen
+        for turn in range(12):
+            for number, sock in enumerate(silent):
+                if number not in closed and _readable(sock):
+                    closed[number] = time.monotonic() - began
+            for number, sock in enumerate(talkers):
+                message = b"t%d-%d\n" % (number, turn)
+                sock.sendall(message)
+                assert recv_exactly(sock, len(message)) == message.upper()
+            time.sleep(idle / 4)  # the pause under test: silence shorter than the timeout
+        # By now (3 timeouts) every silent client was closed, in order: end of stream.
+        for sock in silent:
+            assert recv_all(sock) == (b"", None)
+            sock.close()  # which ends the server's drain of it
+        wait_until(lambda: running.server.active_clients == talker_count, what="talkers left")
+        for number, sock in enumerate(talkers):
+            sock.sendall(b"fin %d\n" % number)
+            assert recv_exactly(sock, len(b"FIN %d\n" % number)) == b"FIN %d\n" % number
+    finally:
+        for sock in socks:
+            sock.close()
+    assert len(closed) == silent_count
+    soonest, latest = min(closed.values()), max(closed.values())
+    assert idle * 0.9 <= soonest and latest <= idle + 0.75, (
+        f"silent clients closed after {soonest:.2f}..{latest:.2f} s, not about {idle} s")
+    reason = Reason.IDLE.format(seconds=idle)
+    assert len([r for r in tcp_log.records if r.getMessage().endswith(reason)]) == silent_count
+    assert not problems(tcp_log)
+
+
+@pytest.mark.stress
+def test_a_client_that_never_reads_is_cut_after_the_write_timeout_alone(
+        start_server: Callable[..., ThreadedServer], tcp_log: pytest.LogCaptureFixture) -> None:
+    write_timeout = 0.5
+    running = start_server(write_timeout=write_timeout)
+    stalled = connect(running.port)
+    stalled_peer = peer_name(stalled)
+    slow = connect(running.port)  # reads, slowly but well within the write timeout
+    chunk = b"nunca leo " * 6554
+    pushed = {"bytes": 0}
+    latencies: list[float] = []
+    stall_over = threading.Event()
+
+    def never_reads() -> None:
+        try:
+            for _ in range(4096):  # 256 MiB at most; the server gives up long before
+                stalled.sendall(chunk)
+                pushed["bytes"] += len(chunk)
+        except OSError:
+            pass  # the server gave up on us with our bytes unread: a reset is fine here
+        finally:
+            stall_over.set()
+
+    def bystander() -> None:
+        with connect(running.port) as sock:
+            for turn in range(10_000):
+                began = time.monotonic()
+                sock.sendall(b"sigo %d\n" % turn)
+                assert recv_exactly(sock, len(b"SIGO %d\n" % turn)) == b"SIGO %d\n" % turn
+                latencies.append(time.monotonic() - began)
+                if stall_over.wait(0.01):  # pacing, until the stalled client is gone
+                    break
+
+    def slow_reader() -> None:
+        """8 MiB in; replies read 256 KiB every 0.1 s for 3 write timeouts: never cut."""
+        payload = b"despacio " * ((8 << 20) // 9)
+        writer = threading.Thread(target=slow.sendall, args=(payload,), daemon=True)
+        writer.start()
+        received = bytearray()
+        for _ in range(15):
+            received += recv_exactly(slow, 256 * 1024)
+            time.sleep(0.1)  # the pace under test: slower than the server, within 0.5 s
+        while len(received) < len(payload):
+            chunk = slow.recv(1 << 20)
+            assert chunk, f"the slow reader was cut after {len(received)} bytes"
+            received += chunk
+        writer.join(DEADLINE)
+        assert received == payload.upper()
+
+    try:
+        run_concurrently(never_reads, bystander, slow_reader)
+    finally:
+        stalled.close()
+        slow.close()
+    stalled_lines = log_lines(tcp_log.text, re.escape(Reason.STALLED.format(seconds=write_timeout)))
+    assert len(stalled_lines) == 1 and stalled_peer in stalled_lines[0]
+    assert len(latencies) >= 5
+    assert max(latencies) < 1.0, f"a bystander waited {max(latencies):.2f} s during the stall"
+    assert not problems(tcp_log)
+    print(f"stalled after {pushed['bytes'] >> 20} MiB; bystander max latency "
+          f"{max(latencies) * 1000:.0f} ms over {len(latencies)} requests")
