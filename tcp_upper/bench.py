@@ -718,6 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Salida: 0 todo correcto, 1 algún error, 2 argumentos no válidos.",
     )
     config.add_arguments(parser, ("host", "port"))
+    # The shared help offers port 0 ("any free port"), which only makes sense for listening.
+    for action in parser._actions:
+        if action.dest == "port":
+            action.help = f"puerto TCP del servidor (por defecto: {config.Settings().port})"
     parser.add_argument("--conns", type=_int_arg(1, 100_000), default=10, metavar="N",
                         help="conexiones simultáneas (por defecto: %(default)s)")
     parser.add_argument("--depth", type=_int_arg(1, 100_000), default=1, metavar="N",
