@@ -49,6 +49,8 @@ NO_IDLE_TIMEOUT_SECONDS = 3600
 #: Added to the servers' idle timeout, so the server (which logs why and closes in order)
 #: acts before the proxy cuts the connection silently.
 IDLE_TIMEOUT_MARGIN_SECONDS = 10
+#: HAProxy rejects timeouts past 2**31 - 1 ms (about 24 days).
+HAPROXY_MAX_TIMEOUT_SECONDS = 2_147_483
 #: A live back end answers a connect in microseconds on loopback or a LAN; past this, retry.
 CONNECT_TIMEOUT = "2s"
 #: A half-closed connection (the server's FIN after DESCONEXION) waits this long, not an hour.
@@ -115,7 +117,7 @@ def proxy_idle_timeout(idle_timeout: float | None) -> float:
     """Seconds HAProxy lets a connection stay silent, given the servers' idle timeout."""
     if idle_timeout is None:
         return NO_IDLE_TIMEOUT_SECONDS
-    return idle_timeout + IDLE_TIMEOUT_MARGIN_SECONDS
+    return min(idle_timeout + IDLE_TIMEOUT_MARGIN_SECONDS, HAPROXY_MAX_TIMEOUT_SECONDS)
 
 
 def render_haproxy_config(
@@ -265,7 +267,7 @@ class _Child:
     def __init__(self, name: str, argv: list[str]) -> None:
         self.name = name
         self.started = time.monotonic()
-        self.last_lines: collections.deque[str] = collections.deque(maxlen=5)
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=20)
         self.process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -293,11 +295,12 @@ class _Child:
                 relay_log.info("%s | %s", self.name, line)
 
     def last_words(self) -> str:
-        """The child's last non-empty output line, for an error message."""
-        for line in reversed(self.last_lines):
-            if line.strip():
-                return line.strip()
-        return "(sin salida)"
+        """The child's first recent alert (HAProxy's), else its last line, for a message."""
+        lines = [line.strip() for line in self.last_lines if line.strip()]
+        for line in lines:
+            if line.startswith("[ALERT]"):
+                return line.split(" : ", 1)[-1]
+        return lines[-1] if lines else "(sin salida)"
 
     def join_output(self, timeout: float) -> None:
         self._reader.join(timeout)
@@ -462,7 +465,10 @@ class Cluster:
         while True:
             if self._haproxy.process.poll() is not None:
                 self._haproxy.join_output(1.0)
-                raise ClusterError(f"HAProxy no arrancó: {self._haproxy.last_words()}")
+                reason = self._haproxy.last_words()
+                if "Address already in use" in reason:
+                    reason += f"; el puerto {self.front_port} está ocupado: elija otro con --port"
+                raise ClusterError(f"HAProxy no arrancó: {reason}")
             try:
                 self.haproxy_command("show info")
                 return
@@ -737,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Parando el cluster")
         return 0
     except ClusterError as exc:
+        if stop.is_set():  # Ctrl-C while starting also stops the children: not a failure
+            log.info("Parando el cluster")
+            return 0
         log.error("%s", exc)
         return 1
     finally:
