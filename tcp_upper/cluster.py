@@ -734,10 +734,10 @@ def main(argv: list[str] | None = None) -> int:
                  "| socat stdio unix-connect:%s", cluster.haproxy_pid,
                  len(cluster.instances) + len(extra), ports,
                  "".join(f", {haproxy_address(*b)}" for b in extra), cluster.stats_socket)
-        log.info("Cluster escuchando en %s: conecte con  python -m tcp_upper.client --host %s "
-                 "--port %d  (Ctrl-C para parar)",
-                 haproxy_address(cluster.front_host, cluster.front_port),
-                 cluster.front_host, cluster.front_port)
+        # Where to connect goes to stdout at any log level, like http.server's "Serving on".
+        print(f"Cluster escuchando en {haproxy_address(cluster.front_host, cluster.front_port)}"
+              f": conecte con  python -m tcp_upper.client --host {cluster.front_host} --port "
+              f"{cluster.front_port}  (Ctrl-C para parar)", flush=True)
         while not stop.wait(POLL_SECONDS):
             cluster.supervise()
         log.info("Parando el cluster")

@@ -385,19 +385,25 @@ def test_command_line_serves_and_stops_on_a_signal(tmp_path: Path, ctrl_c: bool)
     front = cl.free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tcp_upper.cluster", "--host", "127.0.0.1", "--port", str(front),
-         "--base-port", "0", "--instances", "2"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         "--base-port", "0", "--instances", "2", "--log-level", "WARNING"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, cwd=tmp_path, env=_clean_env(), start_new_session=True,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=_read_lines, args=(process.stderr, lines), daemon=True)
-    reader.start()
+    printed: list[str] = []
+    readers = [
+        threading.Thread(target=_read_lines, args=(stream, sink), daemon=True)
+        for stream, sink in ((process.stderr, lines), (process.stdout, printed))
+    ]
+    for reader in readers:
+        reader.start()
     children: list[int] = []
     try:
-        wait_until(lambda: any("Cluster escuchando en" in line for line in lines)
-                   or process.poll() is not None, 15, "the 'connect here' line")
+        wait_until(lambda: printed or process.poll() is not None, 15,
+                   "the 'connect here' line on stdout")
         assert process.poll() is None, "".join(lines)
-        assert any(f"--port {front}" in line for line in lines)
+        assert f"Cluster escuchando en 127.0.0.1:{front}" in printed[0], printed
+        assert f"--port {front}" in printed[0], printed
         children = [int(pid) for pid in Path(
             f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
         assert len(children) == 3  # two servers and HAProxy
@@ -417,7 +423,9 @@ def test_command_line_serves_and_stops_on_a_signal(tmp_path: Path, ctrl_c: bool)
             if Path(f"/proc/{pid}").exists() and not _is_zombie(pid):
                 os.kill(pid, signal.SIGKILL)
                 pytest.fail(f"child {pid} still running after the cluster exited")
-    reader.join(5)
+    for reader in readers:
+        reader.join(5)
+    assert len(printed) == 1, printed
     # The cluster's own lines (the children's are relayed with a "name | " prefix): no
     # traceback, and no instance reported dead because the signal reached it too.
     own = [line for line in lines if not re.match(r"(s\d+|haproxy) \| ", line)]
