@@ -12,7 +12,6 @@ import logging
 import signal
 import sys
 import threading
-from types import FrameType
 
 from . import __version__, config
 from .errors import SettingsError
@@ -99,37 +98,36 @@ def tune_runtime() -> None:
     gc.freeze()
 
 
-class _StopRequested(Exception):
-    """Raised in the main thread by SIGINT/SIGTERM to leave serve_forever() at once."""
+#: Signals that stop the server. Blocked in every thread and taken synchronously by the main
+#: thread with sigwait(), so no library code can swallow or lose them.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
-
-def _request_stop(signum: int, frame: FrameType | None) -> None:
-    # A second signal while stopping must not interrupt the orderly close.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _StopRequested(signal.Signals(signum).name)
+#: How often the accept loop checks for shutdown(): part of the 2 s stop budget.
+POLL_SECONDS = 0.1
 
 
 def serve(server: UpperServer, announce: bool = True) -> None:
     """Serve until SIGINT/SIGTERM, then close every client in order (main thread only).
 
-    The listening line is logged at INFO when *announce* is true, at DEBUG otherwise.
+    The accept loop runs in its own thread; the main thread waits for a stop signal. The
+    listening line is logged at INFO when *announce* is true, at DEBUG otherwise.
     """
-    signal.signal(signal.SIGINT, _request_stop)
-    signal.signal(signal.SIGTERM, _request_stop)
     install_wake_handler()
-    try:
-        log.log(logging.INFO if announce else logging.DEBUG,
-                "Servidor escuchando en %s (máximo %d clientes)",
-                format_address(server.server_address), server.max_clients)
-        server.serve_forever()
-    except _StopRequested as stop:
-        log.info("Señal %s: parando; %d clientes conectados", stop, server.active_clients)
-    finally:
-        if not server.close_clients(STOP_GRACE_SECONDS):
-            log.warning("%d clientes no terminaron a tiempo; se cierran", server.active_clients)
-        server.server_close()
-        log.info("Servidor parado")
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by every new thread
+    accept_loop = threading.Thread(target=server.serve_forever, args=(POLL_SECONDS,),
+                                   name="accept", daemon=True)
+    accept_loop.start()
+    log.log(logging.INFO if announce else logging.DEBUG,
+            "Servidor escuchando en %s (máximo %d clientes)",
+            format_address(server.server_address), server.max_clients)
+    signum = signal.sigwait(STOP_SIGNALS)
+    log.info("Señal %s: parando; %d clientes conectados", signal.Signals(signum).name,
+             server.active_clients)
+    server.shutdown()
+    if not server.close_clients(STOP_GRACE_SECONDS):
+        log.warning("%d clientes no terminaron a tiempo; se cierran", server.active_clients)
+    server.server_close()
+    log.info("Servidor parado")
 
 
 def server_main(argv: list[str] | None = None) -> int:

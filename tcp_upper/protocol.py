@@ -117,6 +117,8 @@ class UpperProtocol:
         # known to be ordinary text (then nothing is held back until the next newline).
         self._line_start: str | None = ""
         self._closed = False
+        #: Whether the connection ended by the disconnect command (rather than end of stream).
+        self.command_seen = False
         self._decoder_empty = True  # no partial UTF-8 character buffered in the decoder
 
     @property
@@ -153,7 +155,7 @@ class UpperProtocol:
             return Reply(b"", self._closed)
         held, self._line_start = self._line_start, None
         if _classify(held) is _Line.COMMAND:
-            return self._close(b"")
+            return self._close(b"", command=True)
         return Reply(_encode(held), False)
 
     def feed_eof(self) -> Reply:
@@ -165,10 +167,11 @@ class UpperProtocol:
             return reply
         # A held-back start that is the bare command is not echoed; anything else is sent.
         tail = self.settle()
-        return self._close(reply.data + tail.data)
+        return self._close(reply.data + tail.data, command=tail.close)
 
-    def _close(self, data: bytes) -> Reply:
+    def _close(self, data: bytes, *, command: bool) -> Reply:
         self._closed = True
+        self.command_seen = command
         self._line_start = None
         return Reply(data, True)
 
@@ -215,7 +218,7 @@ class UpperProtocol:
                 self._line_start = line
                 return Reply(_encode(text[:candidate]), False)
             if _classify(text[candidate:newline]) is _Line.COMMAND:
-                return self._close(_encode(text[:candidate]))
+                return self._close(_encode(text[:candidate]), command=True)
             position, candidate = newline, None
 
 

@@ -148,7 +148,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
                     reply, close = protocol.feed_eof()
                     if reply:
                         sendall(reply)
-                    return Reason.EOF
+                    return Reason.COMMAND if protocol.command_seen else Reason.EOF
                 reply, close = feed(data)
                 if debug:
                     log.debug("Cliente %s: %d bytes recibidos, %d enviados", self.peer,
@@ -170,7 +170,10 @@ class UpperHandler(socketserver.StreamRequestHandler):
         destroy replies the client has not read yet; reading until its end of stream avoids it.
         """
         sock = self.connection
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the client reset meanwhile (ENOTCONN): nothing left to drain
+            return
         deadline = time.monotonic() + DRAIN_SECONDS
         while (left := deadline - time.monotonic()) > 0:
             _set_timeout(sock, socket.SO_RCVTIMEO, left)

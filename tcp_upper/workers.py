@@ -30,14 +30,8 @@ STOP_SECONDS = 1.8
 MAX_RESTARTS, RESTART_WINDOW = 5, 10.0
 
 
-class _Stop(Exception):
-    """Raised in the parent by SIGINT/SIGTERM."""
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _Stop(signal.Signals(signum).name)
+#: What the parent waits for: a stop request, or a worker that ended.
+_PARENT_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGCHLD})
 
 
 def _reserve_port(settings: Settings) -> socket.socket:
@@ -75,8 +69,6 @@ def _start_worker(settings: Settings, port: int, ready_fd: int) -> int:
         )
         os.write(ready_fd, b".")
         serve(server, announce=False)  # the parent announces once all are up
-    except _Stop:
-        pass  # signalled before serving: nothing to close
     except OSError as exc:
         log.error("%s", bind_error_message(exc, settings.host, port))
         status = 1
@@ -99,16 +91,30 @@ def _wait_ready(ready_fd: int, count: int) -> bool:
     return True
 
 
+def _reap(pids: set[int]) -> list[tuple[int, int]]:
+    """Collect every worker that has ended: (pid, wait status) pairs, removed from *pids*."""
+    ended = []
+    while pids:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if not pid:
+            break
+        if pid in pids:
+            pids.discard(pid)
+            ended.append((pid, status))
+    return ended
+
+
 def _stop_workers(pids: set[int]) -> None:
     """SIGTERM every worker, wait for them (bounded), SIGKILL what is left."""
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_SECONDS
-    while pids and time.monotonic() < deadline:
-        for pid in list(pids):
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                pids.discard(pid)
-        time.sleep(0.01)  # polling interval while the workers close their clients
+    while True:
+        _reap(pids)
+        left = deadline - time.monotonic()
+        if not pids or left <= 0:
+            break
+        signal.sigtimedwait({signal.SIGCHLD}, left)
     for pid in pids:
         log.warning("El proceso %d no terminó a tiempo; se mata", pid)
         _signal(pid, signal.SIGKILL)
@@ -132,8 +138,9 @@ def run_workers(settings: Settings) -> int:
     ready_read, ready_write = os.pipe()
     pids: set[int] = set()
     restarts: list[float] = []
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
+    # Blocked before forking, so signals are taken synchronously here (and workers inherit the
+    # mask until their own serve() waits for SIGINT/SIGTERM: none is lost in between).
+    signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
     try:
         for _ in range(settings.workers):
             pids.add(_start_worker(settings, port, ready_write))
@@ -143,21 +150,20 @@ def run_workers(settings: Settings) -> int:
         log.info("Servidor escuchando en %s (%d procesos, máximo %d clientes cada uno)",
                  format_address(address), settings.workers, settings.max_clients)
         while True:
-            pid, status = os.waitpid(-1, 0)
-            if pid not in pids:
-                continue
-            pids.discard(pid)
-            log.warning("El proceso %d terminó inesperadamente (%s); se arranca otro",
-                        pid, _describe(status))
-            now = time.monotonic()
-            restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-            if len(restarts) > MAX_RESTARTS:
-                log.error("Demasiados reinicios en %g s; el servidor se detiene", RESTART_WINDOW)
-                return 1
-            pids.add(_start_worker(settings, port, ready_write))
-    except _Stop as stop:
-        log.info("Señal %s: parando %d procesos", stop, len(pids))
-        return 0
+            signum = signal.sigwait(_PARENT_SIGNALS)
+            if signum != signal.SIGCHLD:
+                log.info("Señal %s: parando %d procesos", signal.Signals(signum).name, len(pids))
+                return 0
+            for pid, status in _reap(pids):
+                log.warning("El proceso %d terminó inesperadamente (%s); se arranca otro",
+                            pid, _describe(status))
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    log.error("Demasiados reinicios en %g s; el servidor se detiene",
+                              RESTART_WINDOW)
+                    return 1
+                pids.add(_start_worker(settings, port, ready_write))
     finally:
         _stop_workers(pids)
         reservation.close()

@@ -21,7 +21,7 @@ from tcp_upper.server import UpperServer, install_wake_handler, make_server
 #: Upper bound for anything a test waits for; generous for a loaded 2-core CI machine.
 DEADLINE = 10.0
 
-LISTENING = re.compile(r"escuchando en \[?([^\]\s]+?)\]?:(\d+)")
+LISTENING = re.compile(r"escuchando en (\[[^\]]+\]|[^\s:]+):(\d+)")
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:

@@ -498,8 +498,6 @@ def _full_pipe() -> tuple[int, int, int]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/wchan"), reason="needs Linux /proc/PID/wchan")
-@pytest.mark.xfail(strict=True, reason="BUG: SIGTERM that lands while a log line is being "
-                   "written is swallowed by logging.Handler.handleError: the stop is lost")
 def test_sigterm_while_the_listening_line_is_being_written_still_stops_the_server(
         tmp_path: Path) -> None:
     # SPEC section 4: SIGTERM -> exit 0 within 2 s. Make it deterministic: stderr is a full
