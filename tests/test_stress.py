@@ -17,6 +17,7 @@ import random
 import re
 import resource
 import select
+import signal
 import socket
 import struct
 import threading
@@ -803,3 +804,119 @@ def test_a_client_that_never_reads_is_cut_after_the_write_timeout_alone(
     assert not problems(tcp_log)
     print(f"stalled after {pushed['bytes'] >> 20} MiB; bystander max latency "
           f"{max(latencies) * 1000:.0f} ms over {len(latencies)} requests")
+
+
+# --- signals ---------------------------------------------------------------------------------
+
+@pytest.mark.stress
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_with_hundreds_connected_closes_each_in_order(
+        signum: int, spawn_server: Callable[..., ServerProcess]) -> None:
+    process = spawn_server()
+    port = process.port
+    groups: dict[str, list[socket.socket]] = {"idle": [], "in flight": [], "held": [],
+                                              "bare command": []}
+    sizes = {"idle": 250, "in flight": 40, "held": 5, "bare command": 5}
+    payload = random_stream(random.Random(11), 64 * 1024)
+    expected = {"idle": b"", "in flight": model(payload), "held": b"DESC", "bare command": b""}
+    try:
+        for name, size in sizes.items():
+            for number in range(size):
+                sock = connect(port)
+                groups[name].append(sock)
+                sock.sendall(b"hola %d\n" % number)  # admitted and served: a handler thread
+                assert recv_exactly(sock, len(b"HOLA %d\n" % number)) == b"HOLA %d\n" % number
+        # Just before the signal: requests the server has not answered yet.
+        for sock in groups["in flight"]:
+            sock.sendall(payload)  # 64 KiB, not read before the server is gone
+        for sock in groups["held"]:
+            sock.sendall(b"desc")  # may still become DESCONEXION: held back
+        for sock in groups["bare command"]:
+            sock.sendall(b"DESCONEXION")  # or DESCONEXIONES: held back too
+        began = time.monotonic()
+        process.signal(signum)
+        status = process.wait()
+        elapsed = time.monotonic() - began
+        assert status == 0
+        assert elapsed < STOP_LIMIT, f"{elapsed:.2f} s to stop with 300 clients"
+        # Every reply due arrives, then an orderly end of stream: no reset, nothing lost.
+        for name, socks in groups.items():
+            for sock in socks:
+                reply, error = recv_all(sock)
+                assert error is None, f"{name}: {error!r} after {len(reply)} bytes"
+                assert reply == expected[name], f"{name}: {len(reply)} bytes, not the reply due"
+    finally:
+        for socks in groups.values():
+            for sock in socks:
+                sock.close()
+    clients = sum(sizes.values())
+    assert len(log_lines(process.log, "desconectado")) == clients
+    assert "Traceback" not in process.log
+    assert not log_lines(process.log, r" (ERROR|CRITICAL) ")
+
+    again = spawn_server("--port", str(port))  # at once, on the same port
+    with connect(again.port) as sock:
+        sock.sendall(b"otra vez\n")
+        assert recv_exactly(sock, 9) == b"OTRA VEZ\n"
+    print(f"{clients} clients, stopped in {elapsed:.2f} s")
+
+
+@pytest.mark.stress
+def test_a_signal_does_not_cut_replies_a_pipelining_client_is_still_reading(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    """A client still sending small requests while it reads a backlog of replies, slowly.
+
+    When the signal comes, the server holds replies it has accepted but the client has not
+    read yet. Stopping in order means they all arrive, then FIN; closing while the client's
+    next request is on its way would make the kernel answer RST and drop them.
+    """
+    process = spawn_server()
+    burst = b"abcdefghij" * (50 << 10)  # half a MiB: its reply waits in the server's buffers
+    sent = bytearray()
+    received = bytearray()
+    burst_sent, reader_done = threading.Event(), threading.Event()
+    outcome: dict[str, OSError | None] = {}
+    with connect(process.port) as sock:
+
+        def sender() -> None:
+            try:
+                sock.sendall(burst)
+                sent.extend(burst)
+                burst_sent.set()
+                for number in range(1000):  # small requests until the end of stream
+                    if reader_done.wait(0.005):  # the pace under test: a request per 5 ms
+                        break
+                    message = b"hola %d\n" % number
+                    sock.sendall(message)
+                    sent.extend(message)
+            except OSError as exc:
+                outcome["sender"] = exc
+
+        def reader() -> None:
+            try:
+                for _ in range(10_000):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        outcome["reader"] = None
+                        return
+                    received.extend(chunk)
+                    time.sleep(0.01)  # the pace under test: a slow reader, 6 MiB/s at most
+            except OSError as exc:
+                outcome["reader"] = exc
+            finally:
+                reader_done.set()
+
+        writer = threading.Thread(target=sender, daemon=True)
+        writer.start()
+        assert burst_sent.wait(DEADLINE), "the server stopped reading the burst"
+        began = time.monotonic()
+        process.signal(signal.SIGTERM)
+        run_concurrently(reader)
+        writer.join(DEADLINE)
+        assert process.wait() == 0
+        elapsed = time.monotonic() - began
+    assert outcome.get("reader", "running") is None, f"reader: {outcome.get('reader')!r}"
+    assert "sender" not in outcome, f"sender: {outcome['sender']!r}"
+    assert len(received) >= len(model(burst)), f"only {len(received)} bytes of the replies due"
+    assert bytes(received) == model(bytes(sent))[:len(received)]
+    assert elapsed < STOP_LIMIT
