@@ -11,6 +11,7 @@ UTF-8 passes through), ``str.upper``, encode back. Replies must not depend on TC
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -468,9 +469,13 @@ def test_a_huge_line_streams_through_in_bounded_memory(
 
 # --- leaks -----------------------------------------------------------------------------------
 
-def _cycle(port: int, kind: str) -> None:
-    """One connection from connect to close, ending the *kind* way; replies checked."""
+def _cycle(port: int, kind: str) -> str:
+    """One connection from connect to close, ending the *kind* way; replies checked.
+
+    Returns the client's address as the server logs it.
+    """
     sock = connect(port)
+    peer = peer_name(sock)
     try:
         if kind == "command":
             sock.sendall(b"hola\nDESCONEXION\n")
@@ -503,6 +508,7 @@ def _cycle(port: int, kind: str) -> None:
             reset(sock)
         else:
             sock.close()
+    return peer
 
 
 CYCLE_KINDS = ("command", "eof", "half-close", "held then eof", "reset", "reset unread",
@@ -520,11 +526,13 @@ def _idle_batch(port: int, clients: int) -> None:
             sock.close()
 
 
-def _run_cycles(port: int, cap: int, per_kind: int, idle_batches: int, rejections: int) -> int:
+def _run_cycles(port: int, cap: int, per_kind: int, idle_batches: int, rejections: int,
+                all_gone: Callable[[], bool]) -> int:
     """Every kind of connection, by the thousand; returns how many connections were made.
 
-    Runs the kinds concurrently from a few threads (plus batches of idle clients), then fills
-    the server to *cap* and has *rejections* clients turned away, then lets the fillers go.
+    Runs the kinds concurrently from a few threads (plus batches of idle clients), then, once
+    *all_gone* says the server has no client left, fills it to *cap* and has *rejections*
+    clients turned away, then lets the fillers go.
     """
     workers, idle_size = 6, 30
     assert workers + idle_size < cap
@@ -539,6 +547,7 @@ def _run_cycles(port: int, cap: int, per_kind: int, idle_batches: int, rejection
             _idle_batch(port, idle_size)
 
     run_concurrently(idle, *(worker(plan[n::workers]) for n in range(workers)))
+    wait_until(all_gone, what="the server's threads done with those clients")
 
     fillers = [connect(port) for _ in range(cap)]
     try:
@@ -560,7 +569,7 @@ def _run_cycles(port: int, cap: int, per_kind: int, idle_batches: int, rejection
 @pytest.mark.stress
 def test_thousands_of_connections_leak_no_fd_or_thread_in_process(
         start_server: Callable[..., ThreadedServer], tcp_log: pytest.LogCaptureFixture) -> None:
-    cap, idle = 48, 0.3
+    cap, idle = 64, 0.3
     running = start_server(max_clients=cap, idle_timeout=idle)
     with connect(running.port) as sock:  # the server has served once: lazy set-up done
         sock.sendall(b"x")
@@ -568,7 +577,8 @@ def test_thousands_of_connections_leak_no_fd_or_thread_in_process(
     wait_until(lambda: running.server.active_clients == 0, what="the warm-up client gone")
     fds, threads = fd_count(), threading.active_count()
 
-    made = _run_cycles(running.port, cap, per_kind=250, idle_batches=3, rejections=300)
+    made = _run_cycles(running.port, cap, per_kind=400, idle_batches=3, rejections=300,
+                       all_gone=lambda: running.server.active_clients == 0)
 
     wait_until(lambda: running.server.active_clients == 0, what="every client gone")
     wait_until(lambda: fd_count() <= fds, what=f"open fds back to {fds} (now {fd_count()})")
@@ -591,7 +601,7 @@ RSS_LEAK_LIMIT_KIB = 8 * 1024
 @pytest.mark.stress
 def test_thousands_of_connections_leak_nothing_in_the_server_process(
         spawn_server: Callable[..., ServerProcess]) -> None:
-    cap = 48
+    cap = 64
     process = spawn_server("--max-clients", str(cap), "--idle-timeout", "0.3")
     pid = process.pid
 
@@ -599,11 +609,13 @@ def test_thousands_of_connections_leak_nothing_in_the_server_process(
         return bool(fd_count(pid) <= fds and status_field(pid, "Threads") <= threads)
 
     fds, threads = fd_count(pid), status_field(pid, "Threads")  # before any client
-    _run_cycles(process.port, cap, per_kind=30, idle_batches=1, rejections=60)  # warm-up
+    _run_cycles(process.port, cap, per_kind=30, idle_batches=1, rejections=60,  # warm-up
+                all_gone=settled)
     wait_until(settled, what="fds and threads back after the warm-up")
     rss = status_field(pid, "VmRSS")
 
-    made = _run_cycles(process.port, cap, per_kind=300, idle_batches=3, rejections=300)
+    made = _run_cycles(process.port, cap, per_kind=400, idle_batches=3, rejections=300,
+                       all_gone=settled)
 
     wait_until(settled, what=f"fds back to {fds} (now {fd_count(pid)}) and threads to {threads} "
                f"(now {status_field(pid, 'Threads')})")
@@ -920,3 +932,92 @@ def test_a_signal_does_not_cut_replies_a_pipelining_client_is_still_reading(
     assert len(received) >= len(model(burst)), f"only {len(received)} bytes of the replies due"
     assert bytes(received) == model(bytes(sent))[:len(received)]
     assert elapsed < STOP_LIMIT
+
+
+@pytest.mark.stress
+def test_a_signal_during_a_connection_storm_still_stops_in_order(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    """SIGTERM while the server is busy accepting: it must not be mistaken for a client error."""
+    process = spawn_server()
+    socks: list[socket.socket] = []
+
+    def storm() -> None:
+        for number in range(3000):
+            try:
+                sock = connect(process.port, timeout=DEADLINE)
+            except OSError:  # refused: the server has stopped listening
+                return
+            socks.append(sock)
+            with contextlib.suppress(OSError):  # reset: it was never accepted
+                sock.sendall(b"hola %d\n" % number)
+
+    stormer = threading.Thread(target=storm, daemon=True)
+    stormer.start()
+    try:
+        wait_until(lambda: len(log_lines(process.log, r"Cliente \S+ conectado")) >= 200,
+                   what="the storm under way")
+        began = time.monotonic()
+        process.signal(signal.SIGTERM)
+        status = process.wait()
+        elapsed = time.monotonic() - began
+        stormer.join(DEADLINE)
+        assert status == 0
+        assert elapsed < STOP_LIMIT, f"{elapsed:.2f} s to stop"
+        served = never_accepted = 0
+        for number, sock in enumerate(socks):
+            reply, error = recv_all(sock)
+            if error is None:  # accepted: its reply, then an orderly end of stream
+                assert reply == b"HOLA %d\n" % number
+                served += 1
+            else:  # still in the listen queue when the server closed it
+                assert (reply, type(error)) == (b"", ConnectionResetError)
+                never_accepted += 1
+    finally:
+        for sock in socks:
+            sock.close()
+    assert served >= 200
+    assert "Traceback" not in process.log
+    assert not log_lines(process.log, r" (ERROR|CRITICAL) ")
+    print(f"{served} served, {never_accepted} never accepted; stopped in {elapsed:.2f} s")
+
+
+# --- log levels ------------------------------------------------------------------------------
+
+@pytest.mark.stress
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_log_lines_per_connection_at_info_and_debug(
+        level: str, spawn_server: Callable[..., ServerProcess]) -> None:
+    cap, per_kind = 20, 10
+    process = spawn_server("--log-level", level, "--max-clients", str(cap), "--idle-timeout", "0.3")
+    peers = {kind: [_cycle(process.port, kind) for _ in range(per_kind)] for kind in CYCLE_KINDS}
+    wait_until(lambda: len(log_lines(process.log, "desconectado")) == per_kind * len(peers),
+               what="those clients gone")  # handler threads end after their clients
+    fillers = [connect(process.port) for _ in range(cap)]
+    filler_peers = [peer_name(sock) for sock in fillers]
+    try:
+        for number, sock in enumerate(fillers):
+            sock.sendall(b"f%d\n" % number)
+            assert recv_exactly(sock, len(b"F%d\n" % number)) == b"F%d\n" % number
+        refused = [_cycle(process.port, "rejected") for _ in range(per_kind)]
+    finally:
+        for sock in fillers:
+            sock.close()
+    clients = [*(peer for group in peers.values() for peer in group),
+               *filler_peers]
+    wait_until(lambda: len(log_lines(process.log, "desconectado")) == len(clients),
+               what="every disconnect line")
+    log = process.log
+    for peer in clients:  # one connect and one disconnect line each, at INFO
+        mentions = log_lines(log, rf"{re.escape(peer)}\b")
+        assert len([line for line in mentions if " INFO " in line and "conectado (" in line]) == 1
+        assert len([line for line in mentions if " INFO " in line and "desconectado" in line]) == 1
+        traffic = [line for line in mentions if " DEBUG " in line]
+        if level == "INFO":
+            assert not traffic
+        elif peer not in peers["immediate close"]:
+            assert traffic, f"no DEBUG traffic line for {peer}"
+    for peer in refused:  # the refused: one WARNING each, nothing else
+        mentions = log_lines(log, rf"{re.escape(peer)}\b")
+        assert len(mentions) == 1 and " WARNING " in mentions[0], mentions
+    assert "hola" not in log.lower()  # payloads are never logged
+    assert "Traceback" not in log
