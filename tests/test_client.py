@@ -7,7 +7,9 @@ Servers are the in-process ``server`` fixture (its log is read with caplog) or a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import signal
 import socket
@@ -230,6 +232,90 @@ def test_interactive_ctrl_c_exits_130_without_traceback(server, server_log, spaw
     assert "KeyboardInterrupt" not in output
     assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
     assert_still_serving(server.port)
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets a process has open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def connecting(pid: int) -> bool:
+    """True while the process has a TCP socket waiting for the server's SYN-ACK (SYN_SENT)."""
+    inodes = socket_inodes(pid)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "02" and fields[9] in inodes:  # 02: SYN_SENT
+            return True
+    return False
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Ctrl-C while connecting prints a KeyboardInterrupt "
+                   "traceback and the process dies by SIGINT: run_session() builds UpperClient "
+                   "outside the try that handles KeyboardInterrupt")
+def test_interactive_ctrl_c_while_connecting(spawn_client):
+    # A server whose listen queue is full: the kernel drops further SYNs, so connect() waits.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                fillers.append(filler)
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            child = spawn_client(port, "--host", "127.0.0.1")
+            wait_until(lambda: connecting(child.pid), what="the client stuck in connect()")
+            child.sendintr()
+            status, output = finish(child)
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert "Traceback" not in output
+    assert status == 130
+
+
+CLOSE_WAIT_BUG = pytest.mark.xfail(
+    strict=True, reason="BUG: Ctrl-C while the client waits for the server to close after Ctrl-D "
+    "or a first Ctrl-C prints a KeyboardInterrupt traceback and dies by SIGINT: the final "
+    "client.close() in run_session() is outside the try that handles KeyboardInterrupt")
+
+
+@pytest.mark.parametrize("first", [
+    pytest.param("Ctrl-D", marks=CLOSE_WAIT_BUG),
+    pytest.param("Ctrl-C", marks=CLOSE_WAIT_BUG),
+    "DESCONEXION",
+])
+def test_interactive_ctrl_c_while_waiting_for_the_close(first, spawn_client):
+    # A server that reads but never answers nor closes: the client's close waits (bounded by
+    # --timeout, 30 s here) and the user presses Ctrl-C meanwhile.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(DEADLINE)
+        child = spawn_client(listener.getsockname()[1], "--host", "127.0.0.1", "--timeout", "30")
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(DEADLINE)
+            child.expect_exact(PROMPT)
+            {"Ctrl-D": child.sendeof, "Ctrl-C": child.sendintr,
+             "DESCONEXION": lambda: child.sendline("DESCONEXION")}[first]()
+            received = b""
+            while chunk := conn.recv(4096):  # until the client half-closes: it is waiting now
+                received += chunk
+            assert received == b"DESCONEXION\n"
+            child.sendintr()
+            status, output = finish(child)
+    assert "Traceback" not in output
+    assert status == 130
 
 
 # --- failures of the program -------------------------------------------------------------------
