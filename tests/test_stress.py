@@ -1019,3 +1019,68 @@ def test_log_lines_per_connection_at_info_and_debug(
         assert len(mentions) == 1 and " WARNING " in mentions[0], mentions
     assert "hola" not in log.lower()  # payloads are never logged
     assert "Traceback" not in log
+
+
+# --- out of file descriptors -----------------------------------------------------------------
+
+#: Free descriptors left to the server process in the tests below: that many clients at most.
+SPARE_FDS = 10
+
+
+def _starve_of_fds(process: ServerProcess) -> None:
+    """Lower the server's open-file limit to what it uses now plus :data:`SPARE_FDS`."""
+    limit = fd_count(process.pid) + SPARE_FDS
+    resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (limit, limit))
+
+
+@pytest.mark.stress
+def test_out_of_descriptors_waiting_clients_are_served_as_others_leave(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    process = spawn_server()
+    _starve_of_fds(process)
+    socks = [connect(process.port) for _ in range(2 * SPARE_FDS)]
+    try:
+        for number, sock in enumerate(socks):
+            sock.sendall(b"espero %d\n" % number)
+        expected = [b"ESPERO %d\n" % number for number in range(len(socks))]
+        wait_until(lambda: len(log_lines(process.log, r"Cliente \S+ conectado")) == SPARE_FDS,
+                   what="the server full of descriptors")
+
+        def replied() -> list[int] | None:
+            ready = [number for number, sock in enumerate(socks) if _readable(sock)]
+            return ready if len(ready) == SPARE_FDS else None
+
+        served = wait_until(replied, what="the admitted clients' replies")
+        waiting = [n for n in range(len(socks)) if n not in served]
+        for number in served:
+            assert recv_exactly(socks[number], len(expected[number])) == expected[number]
+        for number in served:  # they leave; the clients waiting in the queue get their turn
+            socks[number].close()
+        for number in waiting:
+            assert recv_exactly(socks[number], len(expected[number])) == expected[number]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert "Traceback" not in process.log
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=True, reason="BUG: out of file descriptors, the accept loop spins: "
+                   "accept() fails with EMFILE, socketserver returns silently and select() "
+                   "reports the listening socket readable again at once (a CPU at 100%)")
+def test_out_of_descriptors_the_server_does_not_spin(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    window = 0.5  # CPU time is measured over this much wall time while clients wait
+    process = spawn_server()
+    _starve_of_fds(process)
+    socks = [connect(process.port) for _ in range(2 * SPARE_FDS)]
+    try:
+        wait_until(lambda: len(log_lines(process.log, r"Cliente \S+ conectado")) == SPARE_FDS,
+                   what="the server full of descriptors")
+        cpu, began = cpu_seconds(process.pid), time.monotonic()
+        time.sleep(window)  # the pause under test: nothing happens, clients wait in the queue
+        busy = (cpu_seconds(process.pid) - cpu) / (time.monotonic() - began)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert busy < 0.2, f"the idle server used {busy:.0%} of a CPU while out of descriptors"
