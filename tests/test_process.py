@@ -336,6 +336,19 @@ def test_info_one_connect_and_one_disconnect_line_per_client(spawn_server):
     assert "Traceback" not in process.log
 
 
+def test_idle_timeout_is_logged_as_the_reason(spawn_server):
+    process = spawn_server("--idle-timeout", "0.2")
+    with connect(process.port) as sock:
+        sock.sendall(b"hola\n")
+        assert recv_exactly(sock, 5) == b"HOLA\n"
+        me = peer(sock)
+        assert recv_until_closed(sock) == b""  # closed by the server after 0.2 s of silence
+    wait_until(lambda: lines_about(process, me, "desconectado"), what="the disconnect line")
+    [line] = lines_about(process, me, "desconectado")
+    assert "inactiv" in line and "0.2" in line
+    stop(process)
+
+
 def test_warning_shows_no_connect_lines(spawn_server):
     # At WARNING the listening line (INFO) is not shown, so the port is chosen here.
     port = free_port()

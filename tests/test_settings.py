@@ -108,6 +108,19 @@ def test_env_file_flag_is_read_instead_of_config_env(tmp_path):
     assert load(["--env-file", str(other)], {}, tmp_path).port == 2222  # absolute path too
 
 
+def test_env_file_flag_replaces_config_env_entirely(tmp_path):
+    write_env(tmp_path, "TCP_UPPER_HOST=desde-config-env\nTCP_UPPER_PORT=1111\n")
+    write_env(tmp_path, "TCP_UPPER_PORT=2222\n", name="other.env")
+    settings = load(["--env-file", "other.env"], {}, tmp_path)
+    assert (settings.host, settings.port) == ("localhost", 2222)
+
+
+def test_dot_env_is_not_read(tmp_path):
+    # python-dotenv's own habit is a ".env" file; tcp_upper reads config.env only.
+    write_env(tmp_path, "TCP_UPPER_PORT=1111\n", name=".env")
+    assert load([], {}, tmp_path).port == 5000
+
+
 def test_missing_env_file_flag_is_an_error(tmp_path):
     with pytest.raises(SettingsError) as caught:
         load(["--env-file", "nope.env"], {}, tmp_path)
