@@ -12,6 +12,7 @@ UTF-8 passes through), ``str.upper``, encode back. Replies must not depend on TC
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -21,6 +22,7 @@ import select
 import signal
 import socket
 import struct
+import termios
 import threading
 import time
 import zlib
@@ -591,6 +593,9 @@ def test_thousands_of_connections_leak_no_fd_or_thread_in_process(
     print(f"{made} connections; fds {fds}, threads {threads} before and after")
 
 
+#: Resident memory an idle connected client may cost the server (its thread, socket, state).
+PER_CLIENT_RSS_LIMIT_KIB = 128
+
 #: Resident memory a server process may keep after thousands of connections, beyond what it
 #: had after a first round of each kind (allocator arenas, thread stacks cached by libc).
 RSS_LEAK_LIMIT_KIB = 8 * 1024
@@ -681,6 +686,7 @@ def test_a_burst_of_a_thousand_connects_loses_no_client(
         spawn_server: Callable[..., ServerProcess]) -> None:
     clients = 1000
     process = spawn_server()
+    rss = status_field(process.pid, "VmRSS")
     socks: list[socket.socket] = []
     try:
         for number in range(clients):  # as fast as the kernel completes handshakes
@@ -690,6 +696,9 @@ def test_a_burst_of_a_thousand_connects_loses_no_client(
         for number, sock in enumerate(socks):
             expected = b"RAFAGA %d\n" % number
             assert recv_exactly(sock, len(expected)) == expected
+        # A thousand connected clients cost a bounded amount of memory each.
+        per_client = (status_field(process.pid, "VmRSS") - rss) / clients
+        assert per_client < PER_CLIENT_RSS_LIMIT_KIB, f"{per_client:.0f} KiB per idle client"
     finally:
         for sock in socks:
             sock.close()
@@ -697,6 +706,7 @@ def test_a_burst_of_a_thousand_connects_loses_no_client(
                what="every client's disconnect line")
     assert len(log_lines(process.log, r"Cliente \S+ conectado")) == clients
     assert "Traceback" not in process.log
+    print(f"{clients} clients at once, {per_client:.0f} KiB of server RSS each")
 
 
 @pytest.mark.stress
@@ -818,6 +828,25 @@ def test_a_client_that_never_reads_is_cut_after_the_write_timeout_alone(
 
 # --- signals ---------------------------------------------------------------------------------
 
+def _stuck(sock: socket.socket) -> bool:
+    """True when both directions are full: the server is blocked sending to this client.
+
+    Its unread replies fill our receive queue (FIONREAD) and, the server no longer reading,
+    our requests pile up in our send queue (SIOCOUTQ).
+    """
+    def queued(request: int) -> int:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
+
+    return queued(termios.FIONREAD) >= 65536 and queued(termios.TIOCOUTQ) >= 65536
+
+
+def _push_until_refused(sock: socket.socket) -> None:
+    """Write without ever reading, until the server gives up on us (bounded: 256 MiB)."""
+    chunk = b"no leo nada " * 5000
+    with contextlib.suppress(OSError):
+        for _ in range(4000):
+            sock.sendall(chunk)
+
 @pytest.mark.stress
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_with_hundreds_connected_closes_each_in_order(
@@ -843,10 +872,23 @@ def test_a_signal_with_hundreds_connected_closes_each_in_order(
             sock.sendall(b"desc")  # may still become DESCONEXION: held back
         for sock in groups["bare command"]:
             sock.sendall(b"DESCONEXION")  # or DESCONEXIONES: held back too
+        stalled = [connect(port) for _ in range(3)]  # never read: they may be reset
+        for sock in stalled:
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"X"  # admitted, then it stops reading
+        pushers = [threading.Thread(target=_push_until_refused, args=(sock,), daemon=True)
+                   for sock in stalled]
+        for pusher in pushers:
+            pusher.start()
+        wait_until(lambda: all(map(_stuck, stalled)), what="the server stuck on non-readers")
         began = time.monotonic()
         process.signal(signum)
         status = process.wait()
         elapsed = time.monotonic() - began
+        for pusher in pushers:
+            pusher.join(DEADLINE)
+        for sock in stalled:
+            sock.close()
         assert status == 0
         assert elapsed < STOP_LIMIT, f"{elapsed:.2f} s to stop with 300 clients"
         # Every reply due arrives, then an orderly end of stream: no reset, nothing lost.
@@ -859,7 +901,7 @@ def test_a_signal_with_hundreds_connected_closes_each_in_order(
         for socks in groups.values():
             for sock in socks:
                 sock.close()
-    clients = sum(sizes.values())
+    clients = sum(sizes.values()) + 3
     assert len(log_lines(process.log, "desconectado")) == clients
     assert "Traceback" not in process.log
     assert not log_lines(process.log, r" (ERROR|CRITICAL) ")
