@@ -163,41 +163,45 @@ def _read_message(interactive: bool) -> str:
 def run_session(host: str, port: int, timeout: float) -> int:
     """The interactive program: prompt, send, show the reply, until DESCONEXION or end of input.
 
-    Returns the exit status: 0 after an orderly close, 1 on a connection problem, 130 on Ctrl-C.
+    Returns the exit status: 0 after an orderly close, 1 on a connection problem, 130 on Ctrl-C
+    (also while connecting or while waiting for the server to close).
     """
-    interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 must not crash input
     try:
-        client = UpperClient(host, port, timeout)
-    except UpperClientError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    status = 0
-    try:
-        while True:
-            try:
-                message = _read_message(interactive)
-            except EOFError:
-                if interactive:
-                    print()
-                break
-            if not message.strip():
-                continue
-            if is_command(message):
-                client.close(message)
-                break
-            print(REPLY_PREFIX + client.send(message), flush=True)
-    except KeyboardInterrupt:
+        return _converse(host, port, timeout, sys.stdin.isatty())
+    except KeyboardInterrupt:  # the socket, if any, was closed on the way out
         print()
-        status = EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except UpperClientError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        client.close()
         return 1
-    client.close()
+
+
+def _converse(host: str, port: int, timeout: float, interactive: bool) -> int:
+    with UpperClient(host, port, timeout) as client:
+        try:
+            while True:
+                try:
+                    message = _read_message(interactive)
+                except EOFError:
+                    if interactive:
+                        print()
+                    break
+                if not message.strip():
+                    continue
+                if is_command(message):
+                    client.close(message)
+                    break
+                print(REPLY_PREFIX + client.send(message), flush=True)
+        except KeyboardInterrupt:
+            print()
+            client.close()  # a second Ctrl-C here ends the wait: run_session reports it
+            print(CLOSED_LINE, flush=True)
+            return EXIT_INTERRUPTED
+        client.close()
     print(CLOSED_LINE, flush=True)
-    return status
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,9 @@ DRAIN_SECONDS = 1.0
 #: Keepalive: probe a silent peer after a minute, give up after 5 unanswered probes 10 s apart.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 5
 
+#: How long the accept loop pauses when the process is out of file descriptors.
+ACCEPT_PAUSE_SECONDS = 0.1
+
 #: Sent by close_clients() to each client thread to interrupt a blocked recv()/send(): the
 #: retried call then sees the short timeouts set just before, and the handler ends in order.
 WAKE_SIGNAL = signal.SIGUSR1
@@ -123,7 +126,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
         This loop is the per-message cost of the server: methods are bound to locals and the
         DEBUG lines are skipped without a call when DEBUG is off.
         """
-        sock = self.connection
+        sock, server = self.connection, self.server
         recv, sendall = sock.recv, sock.sendall
         protocol = UpperProtocol()
         feed = protocol.feed
@@ -133,15 +136,11 @@ class UpperHandler(socketserver.StreamRequestHandler):
             try:
                 data = recv(READ_SIZE)
             except BlockingIOError:  # SO_RCVTIMEO expired, or close_clients() woke us
-                if self.server.stopping:
-                    reply, close = protocol.feed_eof()
-                    if reply:
-                        sendall(reply)
-                    self._close_orderly()
-                    return Reason.STOPPING
+                if server.stopping:
+                    break
                 if not holding:
                     self._close_orderly()
-                    return Reason.IDLE.format(seconds=self.server.idle_timeout)
+                    return Reason.IDLE.format(seconds=server.idle_timeout)
                 reply, close = protocol.settle()
             else:
                 if not data:
@@ -158,10 +157,20 @@ class UpperHandler(socketserver.StreamRequestHandler):
             if close:
                 self._close_orderly()
                 return Reason.COMMAND
+            if server.stopping:  # a client that keeps talking is never idle in recv()
+                break
             if protocol.holding is not holding:
                 holding = protocol.holding
                 _set_timeout(sock, socket.SO_RCVTIMEO,
-                             HOLD_BACK_SECONDS if holding else self.server.idle_timeout)
+                             HOLD_BACK_SECONDS if holding else server.idle_timeout)
+                if server.stopping:  # close_clients() may have set its timeout just before
+                    break
+        # The server is stopping: deliver what is owed, then close like after DESCONEXION.
+        reply, close = protocol.feed_eof()
+        if reply:
+            sendall(reply)
+        self._close_orderly()
+        return Reason.STOPPING
 
     def _close_orderly(self) -> None:
         """Half-close, then discard what the client still sends for a bounded time.
@@ -219,6 +228,21 @@ class UpperServer(socketserver.ThreadingTCPServer):
         if self.allow_reuse_port:  # socketserver sets it itself only from Python 3.11 on
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; when out of file descriptors, pause accepting briefly.
+
+        The pending connection stays readable on the listening socket, so retrying at once
+        would spin a CPU; waiting lets clients leave and free descriptors (nginx does the same).
+        """
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.warning("No se pueden aceptar más conexiones (%s): pausa de %g s; suba "
+                            "'ulimit -n' o baje --max-clients", exc.strerror, ACCEPT_PAUSE_SECONDS)
+                time.sleep(ACCEPT_PAUSE_SECONDS)
+            raise
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the client if there is room; otherwise answer one ERROR line (then closed)."""
