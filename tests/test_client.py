@@ -255,9 +255,10 @@ def connecting(pid: int) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Ctrl-C while connecting prints a KeyboardInterrupt "
-                   "traceback and the process dies by SIGINT: run_session() builds UpperClient "
-                   "outside the try that handles KeyboardInterrupt")
+# Regression (fixed in fac81f7): Ctrl-C while connecting, or while waiting for the server's close
+# after Ctrl-D or a first Ctrl-C, printed a KeyboardInterrupt traceback and died by SIGINT.
+
+
 def test_interactive_ctrl_c_while_connecting(spawn_client):
     # A server whose listen queue is full: the kernel drops further SYNs, so connect() waits.
     with socket.socket() as full:
@@ -283,17 +284,7 @@ def test_interactive_ctrl_c_while_connecting(spawn_client):
     assert status == 130
 
 
-CLOSE_WAIT_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: Ctrl-C while the client waits for the server to close after Ctrl-D "
-    "or a first Ctrl-C prints a KeyboardInterrupt traceback and dies by SIGINT: the final "
-    "client.close() in run_session() is outside the try that handles KeyboardInterrupt")
-
-
-@pytest.mark.parametrize("first", [
-    pytest.param("Ctrl-D", marks=CLOSE_WAIT_BUG),
-    pytest.param("Ctrl-C", marks=CLOSE_WAIT_BUG),
-    "DESCONEXION",
-])
+@pytest.mark.parametrize("first", ["Ctrl-D", "Ctrl-C", "DESCONEXION"])
 def test_interactive_ctrl_c_while_waiting_for_the_close(first, spawn_client):
     # A server that reads but never answers nor closes: the client's close waits (bounded by
     # --timeout, 30 s here) and the user presses Ctrl-C meanwhile.
