@@ -31,6 +31,8 @@ from conftest import (
     wait_until,
 )
 
+from tcp_upper.config import Settings
+
 TIMESTAMPED = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S"
 )
@@ -404,7 +406,7 @@ def test_open_file_soft_limit_is_raised(spawn_server):
         process = spawn_server()
     raised = soft_open_files(process.pid)
     assert raised > low
-    default_max_clients = 10_000
+    default_max_clients = Settings().max_clients
     wanted = default_max_clients if hard == resource.RLIM_INFINITY else min(hard,
                                                                             default_max_clients)
     assert raised >= wanted
