@@ -86,7 +86,7 @@ class UpperClient:
         if line is None:
             self._abort()
             raise UpperClientError(f"El servidor {self._where} cerró la conexión sin responder")
-        reply = line.decode("utf-8", "replace")
+        reply = line.decode("utf-8", "surrogateescape")  # the inverse of how text was sent
         if reply.startswith("ERROR") and reply != text.upper():
             # Not an echo of ours: the server refused us (it is full) and closed.
             self._abort()
@@ -166,8 +166,9 @@ def run_session(host: str, port: int, timeout: float) -> int:
     Returns the exit status: 0 after an orderly close, 1 on a connection problem, 130 on Ctrl-C
     (also while connecting or while waiting for the server to close).
     """
-    if hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 must not crash input
+    for stream in (sys.stdin, sys.stdout):  # bytes that are not UTF-8 must not crash I/O
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         return _converse(host, port, timeout, sys.stdin.isatty())
     except KeyboardInterrupt:  # the socket, if any, was closed on the way out

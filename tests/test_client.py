@@ -472,10 +472,6 @@ def test_upper_client_echo_of_error_is_not_a_refusal(server):
         assert client.send("ok") == "OK"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: UpperClient.send() encodes with surrogateescape but "
-                   "decodes the reply with 'replace', so for text holding an undecodable byte "
-                   "the reply differs from text.upper() and an echo starting with ERROR is taken "
-                   "for a refusal: UpperClientError and the connection is dropped")
 def test_upper_client_echo_of_error_with_an_undecodable_byte(server):
     with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
         assert client.send("error \udcff").startswith("ERROR ")  # os.fsdecode(b"error \xff")
