@@ -47,7 +47,7 @@ LOGGER = "tcp_upper"
 
 #: Open files this module needs at once (1000-connection burst plus the server's side when it
 #: runs in-process); the soft limit is raised toward it.
-FILES_NEEDED = 4096
+FILES_NEEDED = 8192
 
 #: SIGTERM/SIGINT must end the server within 2 s (SPEC section 4); a loaded CI machine gets 0.5 s
 #: of slack.
@@ -913,6 +913,43 @@ def test_a_signal_with_hundreds_connected_closes_each_in_order(
     print(f"{clients} clients, stopped in {elapsed:.2f} s")
 
 
+
+#: The capacity SPEC section 1 asks the defaults to reach (so ../shared/bench runs).
+SPEC_CAPACITY = 4096
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=False, reason="BUG (load-dependent: 3 runs in 8 here): with thousands "
+                   "connected, SIGTERM takes 2-10 s (once over 30 s with 8000): close_clients() "
+                   "wakes every thread with a signal while holding _clients_lock, and the "
+                   "woken crowd starves the main thread of the GIL, so neither the loop nor "
+                   "wait_for(1.5 s) end on time")
+def test_a_signal_with_thousands_connected_still_stops_within_2_s(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < SPEC_CAPACITY + 100:
+        pytest.skip("the open-file limit is too low for this many sockets")
+    process = spawn_server()
+    socks: list[socket.socket] = []
+    try:
+        for number in range(SPEC_CAPACITY):
+            sock = connect(process.port)
+            socks.append(sock)
+            sock.sendall(b"%d\n" % number)
+        for number, sock in enumerate(socks):
+            assert recv_exactly(sock, len(b"%d\n" % number)) == b"%d\n" % number
+        began = time.monotonic()
+        process.signal(signal.SIGTERM)
+        status = process.wait(timeout=STOP_LIMIT + 1.0)  # fails (after a kill) if it hangs
+        elapsed = time.monotonic() - began
+        assert status == 0
+        assert elapsed < STOP_LIMIT, f"{elapsed:.2f} s to stop with {len(socks)} clients"
+        for sock in socks:
+            assert recv_all(sock) == (b"", None)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 @pytest.mark.stress
 def test_a_signal_does_not_cut_replies_a_pipelining_client_is_still_reading(
         spawn_server: Callable[..., ServerProcess]) -> None:
@@ -1072,12 +1109,9 @@ class _Chatty:
 
 
 @pytest.mark.stress
-@pytest.mark.xfail(strict=True, reason="BUG: on SIGTERM a handler only notices the stop on a "
-                   "recv() timeout: a client that keeps talking is never closed in order (grace "
-                   "expires, no disconnect line, some get RST), and a hold-back change "
-                   "overwrites the 1 ms stop timeout with the idle timeout")
 def test_a_signal_closes_clients_that_keep_talking_in_order(
         spawn_server: Callable[..., ServerProcess]) -> None:
+    """Regression (fixed in fac81f7): the stop was noticed only on a recv() timeout."""
     process = spawn_server()
     clients = [_Chatty(process.port) for _ in range(60)]
     try:
@@ -1184,11 +1218,9 @@ def test_out_of_descriptors_waiting_clients_are_served_as_others_leave(
 
 
 @pytest.mark.stress
-@pytest.mark.xfail(strict=True, reason="BUG: out of file descriptors, the accept loop spins: "
-                   "accept() fails with EMFILE, socketserver returns silently and select() "
-                   "reports the listening socket readable again at once (a CPU at 100%)")
 def test_out_of_descriptors_the_server_does_not_spin(
         spawn_server: Callable[..., ServerProcess]) -> None:
+    """Regression (fixed in fac81f7): accept() failing with EMFILE was retried at once."""
     window = 0.5  # CPU time is measured over this much wall time while clients wait
     process = spawn_server()
     _starve_of_fds(process)
