@@ -45,8 +45,8 @@ from tcp_upper.server import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL
 
 LOGGER = "tcp_upper"
 
-#: Open files this module needs at once (1000-connection burst plus the server's side when it
-#: runs in-process); the soft limit is raised toward it.
+#: Open files this module needs at once (4096 clients of one server process, plus a margin);
+#: the soft limit is raised toward it.
 FILES_NEEDED = 8192
 
 #: SIGTERM/SIGINT must end the server within 2 s (SPEC section 4); a loaded CI machine gets 0.5 s
