@@ -1235,3 +1235,51 @@ def test_out_of_descriptors_the_server_does_not_spin(
         for sock in socks:
             sock.close()
     assert busy < 0.2, f"the idle server used {busy:.0%} of a CPU while out of descriptors"
+
+
+
+# --- out of threads --------------------------------------------------------------------------
+
+#: Address space left to the server process beyond what it uses: room for a few dozen client
+#: threads (512 KiB stacks), not for a hundred.
+SPARE_ADDRESS_SPACE = 24 << 20
+
+
+def _first_line(sock: socket.socket) -> bytes:
+    """The first line the server sends, or what it sent before closing (maybe nothing)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=True, reason="BUG: when no thread can be started (memory, thread "
+                   "limits) socketserver logs each new client at ERROR with a traceback "
+                   "(RuntimeError: can't start new thread) and closes it without a word")
+def test_out_of_threads_new_clients_are_refused_with_a_line_not_a_traceback(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    process = spawn_server()
+    with connect(process.port) as old:
+        old.sendall(b"antes\n")
+        assert recv_exactly(old, 6) == b"ANTES\n"
+        size = status_field(process.pid, "VmSize") * 1024 + SPARE_ADDRESS_SPACE
+        resource.prlimit(process.pid, resource.RLIMIT_AS, (size, size))
+        socks = [connect(process.port) for _ in range(100)]
+        try:
+            for number, sock in enumerate(socks):
+                sock.sendall(b"hola %d\n" % number)
+            replies = [_first_line(sock) for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+        old.sendall(b"sigo\n")  # the clients already served are not affected
+        assert recv_exactly(old, 5) == b"SIGO\n"
+    served = sum(reply == b"HOLA %d\n" % n for n, reply in enumerate(replies))
+    refused = sum(reply.startswith(b"ERROR") for reply in replies)
+    assert served >= 5, "the limit left no room at all: the test is miscalibrated"
+    assert served + refused == len(socks), "some clients were closed without a word"
+    assert "Traceback" not in process.log
