@@ -777,6 +777,7 @@ def test_a_client_that_never_reads_is_cut_after_the_write_timeout_alone(
     pushed = {"bytes": 0}
     latencies: list[float] = []
     stall_over = threading.Event()
+    moments: dict[str, float] = {}  # when the server got stuck on it, and when it gave up
 
     def never_reads() -> None:
         try:
@@ -786,11 +787,14 @@ def test_a_client_that_never_reads_is_cut_after_the_write_timeout_alone(
         except OSError:
             pass  # the server gave up on us with our bytes unread: a reset is fine here
         finally:
+            moments["cut"] = time.monotonic()
             stall_over.set()
 
     def bystander() -> None:
         with connect(running.port) as sock:
             for turn in range(10_000):
+                if "stuck" not in moments and _stuck(stalled):
+                    moments["stuck"] = time.monotonic()
                 began = time.monotonic()
                 sock.sendall(b"sigo %d\n" % turn)
                 assert recv_exactly(sock, len(b"SIGO %d\n" % turn)) == b"SIGO %d\n" % turn
@@ -821,10 +825,15 @@ def test_a_client_that_never_reads_is_cut_after_the_write_timeout_alone(
         slow.close()
     stalled_lines = log_lines(tcp_log.text, re.escape(Reason.STALLED.format(seconds=write_timeout)))
     assert len(stalled_lines) == 1 and stalled_peer in stalled_lines[0]
+    # Not before the write timeout; a few of them at most, as the client's kernel compacting
+    # its full receive queue may take a few more bytes, which restarts the server's timeout.
+    stuck_for = moments["cut"] - moments["stuck"]
+    assert write_timeout * 0.6 <= stuck_for <= write_timeout * 4 + 0.5, (
+        f"cut {stuck_for:.2f} s after the server got stuck, not about {write_timeout} s")
     assert len(latencies) >= 5
     assert max(latencies) < 1.0, f"a bystander waited {max(latencies):.2f} s during the stall"
     assert not problems(tcp_log)
-    print(f"stalled after {pushed['bytes'] >> 20} MiB; bystander max latency "
+    print(f"stalled after {pushed['bytes'] >> 20} MiB, cut after {stuck_for:.2f} s; max latency "
           f"{max(latencies) * 1000:.0f} ms over {len(latencies)} requests")
 
 
