@@ -7,11 +7,15 @@ handlers; ``server`` and ``protocol`` stay importable and testable without side 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
+import logging.handlers
+import queue
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 from . import __version__, config
 from .errors import SettingsError
@@ -58,12 +62,34 @@ def parse_settings(
         raise  # unreachable: parser.exit raises SystemExit
 
 
-def configure_logging(level: str, with_pid: bool = False) -> None:
-    """One line per event on stderr, with a timestamp (and the process id, for --workers)."""
+def configure_logging(level: str) -> None:
+    """One line per event on stderr, with a timestamp."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+@contextlib.contextmanager
+def background_logging(level: str, with_pid: bool = False) -> Iterator[None]:
+    """Like :func:`configure_logging`, but stderr is written by one background thread.
+
+    Client threads only format and queue their records, so a log line never makes them give up
+    the GIL for a write() (at thousands of clients, each hand-off is a wait). Records still
+    queued are written when the block ends. With *with_pid*, lines show the process id.
+    """
     fmt = LOG_FORMAT.replace("%(levelname)s", "%(levelname)s [%(process)d]") if with_pid else (
         LOG_FORMAT
     )
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(logging.Formatter(fmt))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(records)]
+    root.setLevel(level)
+    listener = logging.handlers.QueueListener(records, writer)
+    listener.start()
+    try:
+        yield
+    finally:
+        listener.stop()
 
 
 def raise_open_file_limit(max_clients: int) -> None:
@@ -138,13 +164,18 @@ def server_main(argv: list[str] | None = None) -> int:
         config.SERVER_SETTINGS,
     )
     settings = parse_settings(parser, config.SERVER_SETTINGS, argv)
-    configure_logging(settings.log_level, with_pid=settings.workers > 1)
-    raise_open_file_limit(settings.max_clients)
-    tune_runtime()
-    if settings.workers > 1:
-        from .workers import run_workers
+    with background_logging(settings.log_level, with_pid=settings.workers > 1):
+        raise_open_file_limit(settings.max_clients)
+        tune_runtime()
+        if settings.workers > 1:
+            from .workers import run_workers
 
-        return run_workers(settings)
+            return run_workers(settings)
+        return run_server(settings)
+
+
+def run_server(settings: config.Settings) -> int:
+    """One server process: listen, serve until a stop signal; 1 if it cannot listen."""
     try:
         server = make_server(
             settings.host,

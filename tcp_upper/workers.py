@@ -58,22 +58,25 @@ def _start_worker(settings: Settings, port: int, ready_fd: int) -> int:
     pid = os.fork()
     if pid:
         return pid
-    status = 0
+    status = 1
     try:
-        from .cli import serve
+        from .cli import background_logging, serve
 
-        server = make_server(
-            settings.host, port, max_clients=settings.max_clients,
-            idle_timeout=settings.idle_timeout, write_timeout=settings.write_timeout,
-            reuse_port=True,
-        )
-        os.write(ready_fd, b".")
-        serve(server, announce=False)  # the parent announces once all are up
-    except OSError as exc:
-        log.error("%s", bind_error_message(exc, settings.host, port))
-        status = 1
+        # The parent's log-writing thread does not exist in this process: start our own.
+        with background_logging(settings.log_level, with_pid=True):
+            try:
+                server = make_server(
+                    settings.host, port, max_clients=settings.max_clients,
+                    idle_timeout=settings.idle_timeout, write_timeout=settings.write_timeout,
+                    reuse_port=True,
+                )
+            except OSError as exc:
+                log.error("%s", bind_error_message(exc, settings.host, port))
+            else:
+                os.write(ready_fd, b".")
+                serve(server, announce=False)  # the parent announces once all are up
+                status = 0
     finally:
-        logging.shutdown()
         os._exit(status)
 
 

@@ -516,8 +516,11 @@ def test_sigterm_while_the_listening_line_is_being_written_still_stops_the_serve
             output.extend(chunk)
 
     try:
-        wchan = Path(f"/proc/{proc.pid}/wchan")
-        wait_until(lambda: "pipe_write" in wchan.read_text() or proc.poll() is not None,
+        def blocked_writing() -> bool:  # any thread: the log is written by a background one
+            tasks = Path(f"/proc/{proc.pid}/task").glob("*/wchan")
+            return any("pipe_write" in wchan.read_text() for wchan in tasks)
+
+        wait_until(lambda: proc.poll() is not None or blocked_writing(),
                    what="the server blocked writing its first log line")
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
