@@ -56,6 +56,7 @@ WAKE_SIGNAL = signal.SIGUSR1
 STOP_RECV_SECONDS, STOP_SEND_SECONDS = 0.001, 0.5
 
 FULL_MESSAGE = "ERROR servidor lleno ({limit} clientes); inténtelo más tarde\n"
+NO_THREAD_MESSAGE = "ERROR servidor sin recursos para más clientes; inténtelo más tarde\n"
 
 
 class Reason:
@@ -84,6 +85,12 @@ def _enable_keepalive(sock: socket.socket) -> None:
                         ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
         if hasattr(socket, name):  # Linux names; other systems keep their defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _refuse(request: socket.socket, message: str) -> None:
+    """Send a refused client its ERROR line without blocking (the caller then closes it)."""
+    with contextlib.suppress(OSError):  # it left already
+        request.send(message.encode(), socket.MSG_DONTWAIT)
 
 
 def format_address(address: Any) -> str:
@@ -252,10 +259,18 @@ class UpperServer(socketserver.ThreadingTCPServer):
                 return True
         log.warning("Servidor lleno (%d clientes): rechazado %s", self.max_clients,
                     format_address(client_address))
-        with contextlib.suppress(OSError):  # it left already: shutdown_request closes it anyway
-            request.send(FULL_MESSAGE.format(limit=self.max_clients).encode(),
-                         socket.MSG_DONTWAIT)
+        _refuse(request, FULL_MESSAGE.format(limit=self.max_clients))
         return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the client's thread; if none can be started, refuse it with an ERROR line."""
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as exc:  # "can't start new thread": memory or thread limits
+            log.warning("No se puede crear un hilo (%s): rechazado %s", exc,
+                        format_address(client_address))
+            _refuse(request, NO_THREAD_MESSAGE)
+            self.shutdown_request(request)
 
     def shutdown_request(self, request: Any) -> None:
         super().shutdown_request(request)
