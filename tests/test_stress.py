@@ -930,7 +930,7 @@ SPEC_CAPACITY = 4096
 
 
 @pytest.mark.stress
-@pytest.mark.xfail(strict=False, reason="BUG (load-dependent, about 1 run in 5 here): with "
+@pytest.mark.xfail(strict=False, reason="BUG (timing-dependent: 4 runs in 6 here): with "
                    "thousands connected, SIGTERM can take 3-20 s: close_clients() wakes every "
                    "client thread at once (a signal each), and thousands of runnable threads "
                    "starve the main thread of the GIL, so neither its wake-up loop nor "
