@@ -22,6 +22,8 @@ import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import termios
 import threading
 import time
@@ -32,8 +34,10 @@ from typing import Any, Callable
 import pytest
 from conftest import (
     DEADLINE,
+    LISTENING,
     ServerProcess,
     ThreadedServer,
+    clean_env,
     connect,
     recv_exactly,
     recv_until_closed,
@@ -1290,3 +1294,54 @@ def test_out_of_threads_new_clients_are_refused_with_a_line_not_a_traceback(
     assert served >= 5, "the limit left no room at all: the test is miscalibrated"
     assert served + refused == len(socks), "some clients were closed without a word"
     assert "Traceback" not in process.log
+
+
+
+# --- a log reader that stalls ----------------------------------------------------------------
+
+#: Round trips of one byte, each logged at DEBUG, while nobody reads the server's stderr.
+STALLED_LOG_ROUND_TRIPS = 60_000
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=True, reason="BUG: since the log queue (cec05e9), when nobody drains "
+                   "stderr (a paused terminal, a stuck log shipper) every record waits in an "
+                   "unbounded SimpleQueue: about 760 bytes each, memory grows without limit")
+def test_a_stalled_log_reader_costs_bounded_memory(tmp_path: Any) -> None:
+    """The operator's terminal is paused (Ctrl-S) or the log pipe is full: keep serving, in
+    bounded memory (dropping log lines if need be). The ``spawn_server`` fixture always drains
+    stderr, so this server is started here, on a pipe nobody reads, and killed by its pid.
+    """
+    read_end, write_end = os.pipe()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tcp_upper.server", "--host", "127.0.0.1", "--port", "0",
+         "--log-level", "DEBUG"],
+        cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=write_end,
+    )
+    os.close(write_end)
+    try:
+        first = b""
+        deadline = time.monotonic() + DEADLINE
+        while not LISTENING.search(first.decode(errors="replace")):
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([read_end], [], [], left)[0], first
+            chunk = os.read(read_end, 4096)
+            assert chunk, f"the server ended: {first!r}"
+            first += chunk
+        port = int(LISTENING.search(first.decode(errors="replace")).group(2))
+        # From here on nobody reads: the pipe fills after a few hundred lines.
+        with connect(port) as sock:
+            sock.sendall(b"a")
+            assert recv_exactly(sock, 1) == b"A"
+            rss = status_field(server.pid, "VmRSS")
+            for _ in range(STALLED_LOG_ROUND_TRIPS):  # one DEBUG line each
+                sock.sendall(b"b")
+                assert recv_exactly(sock, 1) == b"B"
+            growth = status_field(server.pid, "VmRSS") - rss
+        assert growth < RSS_GROWTH_LIMIT_KIB, (
+            f"RSS grew by {growth} KiB over {STALLED_LOG_ROUND_TRIPS} requests")
+    finally:
+        server.kill()
+        server.wait(DEADLINE)
+        os.close(read_end)
