@@ -1303,14 +1303,13 @@ def test_out_of_threads_new_clients_are_refused_with_a_line_not_a_traceback(
 STALLED_LOG_ROUND_TRIPS = 60_000
 
 
-@pytest.mark.stress
-@pytest.mark.xfail(strict=True, reason="BUG: since the log queue (cec05e9), when nobody drains "
-                   "stderr (a paused terminal, a stuck log shipper) every record waits in an "
-                   "unbounded SimpleQueue: about 760 bytes each, memory grows without limit")
-def test_a_stalled_log_reader_costs_bounded_memory(tmp_path: Any) -> None:
-    """The operator's terminal is paused (Ctrl-S) or the log pipe is full: keep serving, in
-    bounded memory (dropping log lines if need be). The ``spawn_server`` fixture always drains
-    stderr, so this server is started here, on a pipe nobody reads, and killed by its pid.
+@contextlib.contextmanager
+def _server_with_undrained_stderr(tmp_path: Any) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A DEBUG server whose stderr nobody reads once it has said where it listens.
+
+    As when the operator's terminal is paused (Ctrl-S) or a log shipper is stuck. The
+    ``spawn_server`` fixture always drains stderr, so this one is started here and killed by
+    its pid at the end.
     """
     read_end, write_end = os.pipe()
     server = subprocess.Popen(
@@ -1330,18 +1329,44 @@ def test_a_stalled_log_reader_costs_bounded_memory(tmp_path: Any) -> None:
             assert chunk, f"the server ended: {first!r}"
             first += chunk
         port = int(LISTENING.search(first.decode(errors="replace")).group(2))
-        # From here on nobody reads: the pipe fills after a few hundred lines.
-        with connect(port) as sock:
-            sock.sendall(b"a")
-            assert recv_exactly(sock, 1) == b"A"
-            rss = status_field(server.pid, "VmRSS")
-            for _ in range(STALLED_LOG_ROUND_TRIPS):  # one DEBUG line each
-                sock.sendall(b"b")
-                assert recv_exactly(sock, 1) == b"B"
-            growth = status_field(server.pid, "VmRSS") - rss
-        assert growth < RSS_GROWTH_LIMIT_KIB, (
-            f"RSS grew by {growth} KiB over {STALLED_LOG_ROUND_TRIPS} requests")
+        yield server, port  # from here on nobody reads: the pipe fills after a few hundred lines
     finally:
         server.kill()
         server.wait(DEADLINE)
         os.close(read_end)
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=True, reason="BUG: since the log queue (cec05e9), when nobody drains "
+                   "stderr every record waits in an unbounded SimpleQueue: about 760 bytes "
+                   "each, memory grows without limit")
+def test_a_stalled_log_reader_costs_bounded_memory(tmp_path: Any) -> None:
+    """Keep serving, in bounded memory (dropping log lines if need be)."""
+    with _server_with_undrained_stderr(tmp_path) as (server, port), connect(port) as sock:
+        sock.sendall(b"a")
+        assert recv_exactly(sock, 1) == b"A"
+        rss = status_field(server.pid, "VmRSS")
+        for _ in range(STALLED_LOG_ROUND_TRIPS):  # one DEBUG line each
+            sock.sendall(b"b")
+            assert recv_exactly(sock, 1) == b"B"
+        growth = status_field(server.pid, "VmRSS") - rss
+    assert growth < RSS_GROWTH_LIMIT_KIB, (
+        f"RSS grew by {growth} KiB over {STALLED_LOG_ROUND_TRIPS} requests")
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=True, reason="BUG: with stderr not drained, SIGTERM never ends the "
+                   "process: the log writer thread is blocked in write() and "
+                   "QueueListener.stop() joins it without a timeout")
+def test_a_stalled_log_reader_does_not_stop_a_signal(tmp_path: Any) -> None:
+    with _server_with_undrained_stderr(tmp_path) as (server, port), connect(port) as sock:
+        for _ in range(3000):  # enough DEBUG lines to fill the pipe
+            sock.sendall(b"c")
+            assert recv_exactly(sock, 1) == b"C"
+        began = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(STOP_LIMIT)
+        elapsed = time.monotonic() - began
+        assert server.returncode == 0, f"still running {elapsed:.1f} s after SIGTERM"
+        assert recv_all(sock) == (b"", None)
