@@ -11,10 +11,12 @@ import contextlib
 import gc
 import logging
 import logging.handlers
+import os
 import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 from . import __version__, config
@@ -37,9 +39,14 @@ THREAD_STACK_BYTES = 512 * 1024
 RESERVED_FDS = 64
 
 #: SIGTERM/SIGINT must end the process within 2 s: time given to clients to leave in order.
-STOP_GRACE_SECONDS = 1.5
+STOP_GRACE_SECONDS = 1.3
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+#: Log records waiting for the writer thread at most; beyond it they are dropped (stderr stuck).
+LOG_QUEUE_RECORDS = 10_000
+#: At exit, how long queued log lines may take to be written.
+LOG_FLUSH_SECONDS = 0.3
 
 
 def build_parser(prog: str, description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -67,29 +74,57 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 
+class _LogWriter(threading.Thread):
+    """Writes queued log records with *handler*, from one daemon thread, until it gets None."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord | None],
+                 handler: logging.Handler) -> None:
+        super().__init__(name="log-writer", daemon=True)
+        self.records, self.handler = records, handler
+
+    def run(self) -> None:
+        while (record := self.records.get()) is not None:
+            self.handler.handle(record)
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Queues records for the writer thread; never blocks: when the queue is full (nobody
+    reads stderr), the record is dropped, so memory stays bounded and clients are served."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(record)
+
+
 @contextlib.contextmanager
-def background_logging(level: str, with_pid: bool = False) -> Iterator[None]:
+def background_logging(level: str, with_pid: bool = False) -> Iterator[threading.Thread]:
     """Like :func:`configure_logging`, but stderr is written by one background thread.
 
     Client threads only format and queue their records, so a log line never makes them give up
-    the GIL for a write() (at thousands of clients, each hand-off is a wait). Records still
-    queued are written when the block ends. With *with_pid*, lines show the process id.
+    the GIL for a write() (at thousands of clients, each hand-off is a wait). When the block
+    ends, queued records are written, waiting at most :data:`LOG_FLUSH_SECONDS`: a stderr that
+    nobody reads must not keep the process alive. With *with_pid*, lines show the process id.
+    Yields the writer thread: still alive after the block means stderr is stuck.
     """
     fmt = LOG_FORMAT.replace("%(levelname)s", "%(levelname)s [%(process)d]") if with_pid else (
         LOG_FORMAT
     )
     writer = logging.StreamHandler(sys.stderr)
     writer.setFormatter(logging.Formatter(fmt))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    records: queue.Queue[logging.LogRecord | None] = queue.Queue(LOG_QUEUE_RECORDS)
+    logging.raiseExceptions = False  # a broken stderr must not print tracebacks to itself
     root = logging.getLogger()
-    root.handlers = [logging.handlers.QueueHandler(records)]
+    root.handlers = [_DroppingQueueHandler(records)]
     root.setLevel(level)
-    listener = logging.handlers.QueueListener(records, writer)
-    listener.start()
+    thread = _LogWriter(records, writer)
+    thread.start()
     try:
-        yield
+        yield thread
     finally:
-        listener.stop()
+        deadline = time.monotonic() + LOG_FLUSH_SECONDS
+        with contextlib.suppress(queue.Full):
+            records.put(None, timeout=LOG_FLUSH_SECONDS)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def raise_open_file_limit(max_clients: int) -> None:
@@ -164,14 +199,18 @@ def server_main(argv: list[str] | None = None) -> int:
         config.SERVER_SETTINGS,
     )
     settings = parse_settings(parser, config.SERVER_SETTINGS, argv)
-    with background_logging(settings.log_level, with_pid=settings.workers > 1):
+    with background_logging(settings.log_level, with_pid=settings.workers > 1) as log_writer:
         raise_open_file_limit(settings.max_clients)
         tune_runtime()
         if settings.workers > 1:
             from .workers import run_workers
 
-            return run_workers(settings)
-        return run_server(settings)
+            status = run_workers(settings)
+        else:
+            status = run_server(settings)
+    if log_writer.is_alive():  # nobody reads stderr: a normal exit would block flushing it
+        os._exit(status)
+    return status
 
 
 def run_server(settings: config.Settings) -> int:
