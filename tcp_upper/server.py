@@ -51,6 +51,11 @@ ACCEPT_PAUSE_SECONDS = 0.1
 #: retried call then sees the short timeouts set just before, and the handler ends in order.
 WAKE_SIGNAL = signal.SIGUSR1
 
+#: A client that sent nothing for this long is taken as idle when the server stops: it gets
+#: its end of stream without waking its thread (a client still talking may have replies
+#: unread, which a reset at exit would destroy; its thread drains before closing).
+QUIET_SECONDS = 0.25
+
 #: When stopping: how soon a thread blocked in recv() gives up, and how long a final send()
 #: may wait for a slow reader.
 STOP_RECV_SECONDS, STOP_SEND_SECONDS = 0.001, 0.5
@@ -91,6 +96,23 @@ def _enable_keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+def _all_sent(sock: socket.socket) -> bool:
+    """True when the kernel holds no reply bytes the client has not acknowledged yet.
+
+    Only then may the process exit without this connection's thread: closing a socket with
+    replies still queued would lose them if the client sends anything meanwhile (reset).
+    Where the system cannot tell, False.
+    """
+    try:
+        import fcntl
+        import termios
+
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # = SIOCOUTQ
+    except (ImportError, AttributeError, OSError):
+        return False
+    return struct.unpack("@i", queued)[0] == 0
+
+
 def _refuse(request: socket.socket, message: str) -> None:
     """Send a refused client its ERROR line without blocking (the caller then closes it)."""
     with contextlib.suppress(OSError):  # it left already
@@ -116,7 +138,13 @@ class UpperHandler(socketserver.StreamRequestHandler):
         _set_timeout(self.connection, socket.SO_SNDTIMEO, self.server.write_timeout)
         _set_timeout(self.connection, socket.SO_RCVTIMEO, self.server.idle_timeout)
         self.peer = format_address(self.client_address)
-        self.server.attach_thread(self.connection)
+        self.thread = threading.get_ident()
+        #: True while blocked in recv() owing the client nothing: close_clients() can then end
+        #: the connection from its own thread, without waking this one.
+        self.waiting_idle = False
+        self.reported = False  # whether its disconnect line was logged (see mark_reported)
+        self.last_read = time.monotonic()
+        self.server.attach(self)
 
     def handle(self) -> None:
         log.info("Cliente %s conectado (%d activos)", self.peer, self.server.active_clients)
@@ -126,10 +154,11 @@ class UpperHandler(socketserver.StreamRequestHandler):
             reason = Reason.STOPPING if self.server.stopping else Reason.STALLED.format(
                 seconds=self.server.write_timeout)
         except (ConnectionResetError, BrokenPipeError):
-            reason = Reason.RESET
+            reason = Reason.STOPPING if self.server.stopping else Reason.RESET
         except OSError as exc:
             reason = f"error de red: {exc.strerror or exc}"
-        log.info("Cliente %s desconectado: %s", self.peer, reason)
+        if self.server.mark_reported(self):
+            log.info("Cliente %s desconectado: %s", self.peer, reason)
 
     def _serve(self) -> str:
         """Run the read → feed → send loop; return why it ended.
@@ -141,24 +170,32 @@ class UpperHandler(socketserver.StreamRequestHandler):
         recv, sendall = sock.recv, sock.sendall
         protocol = UpperProtocol()
         feed = protocol.feed
+        monotonic = time.monotonic
         debug = log.isEnabledFor(logging.DEBUG)
         holding = False  # whether SO_RCVTIMEO is set to the hold-back pause
         while True:
+            self.waiting_idle = not holding
             try:
                 data = recv(READ_SIZE)
             except BlockingIOError:  # SO_RCVTIMEO expired, or close_clients() woke us
+                data = None
+            self.waiting_idle = False
+            self.last_read = monotonic()
+            if data is None:
                 if server.stopping:
                     break
                 if not holding:
                     self._close_orderly()
                     return Reason.IDLE.format(seconds=server.idle_timeout)
                 reply, close = protocol.settle()
+            elif not data:
+                reply, close = protocol.feed_eof()
+                if reply:
+                    sendall(reply)
+                if server.stopping:
+                    return Reason.STOPPING
+                return Reason.COMMAND if protocol.command_seen else Reason.EOF
             else:
-                if not data:
-                    reply, close = protocol.feed_eof()
-                    if reply:
-                        sendall(reply)
-                    return Reason.COMMAND if protocol.command_seen else Reason.EOF
                 reply, close = feed(data)
                 if debug:
                     log.debug("Cliente %s: %d bytes recibidos, %d enviados", self.peer,
@@ -223,8 +260,10 @@ class UpperServer(socketserver.ThreadingTCPServer):
     write_timeout: float = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Open client sockets -> ident of the thread serving each (None until it runs).
-        self._clients: dict[socket.socket, int | None] = {}
+        # Open client sockets -> the handler serving each (None until its thread runs).
+        self._clients: dict[socket.socket, UpperHandler | None] = {}
+        # Sockets close_clients() half-closed itself: the process need not wait for them.
+        self._ended_by_stop: set[socket.socket] = set()
         self._clients_lock = threading.Lock()
         self._all_gone = threading.Condition(self._clients_lock)
         self.stopping = False
@@ -280,39 +319,61 @@ class UpperServer(socketserver.ThreadingTCPServer):
         super().shutdown_request(request)
         with self._clients_lock:
             self._clients.pop(request, None)
-            if not self._clients:
+            self._ended_by_stop.discard(request)
+            if self.stopping or not self._clients:
                 self._all_gone.notify_all()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A bug, not a client's doing (those are handled in the handler): log it with its trace."""
         log.exception("Error inesperado con el cliente %s", format_address(client_address))
 
-    def attach_thread(self, request: socket.socket) -> None:
-        """Record the calling thread as the one serving *request* (from the handler's setup).
+    def attach(self, handler: UpperHandler) -> None:
+        """Record the handler serving a client (called from its setup, in its thread).
 
         If the server is already stopping, the socket gets the stop timeouts at once, so the
         handler's first recv() ends it.
         """
         with self._clients_lock:
-            self._clients[request] = threading.get_ident()
+            self._clients[handler.connection] = handler
             if self.stopping:
-                self._set_stop_timeouts(request)
+                self._set_stop_timeouts(handler.connection)
+
+    def mark_reported(self, handler: UpperHandler) -> bool:
+        """True the first time for *handler*: one disconnect line per client, logged either by
+        its thread or by close_clients(), never both."""
+        with self._clients_lock:
+            first, handler.reported = not handler.reported, True
+            return first
 
     def close_clients(self, timeout: float) -> bool:
         """Stop admitting clients, end every connection in order, wait up to *timeout* s.
 
-        Each client thread is interrupted with :data:`WAKE_SIGNAL` after its socket got short
-        timeouts: its blocked recv() or send() ends, and it sends what it owes, half-closes and
-        drains like after DESCONEXION. Needs :func:`install_wake_handler` (main thread) first.
-        Returns True when all of them left in time.
+        A client that is owed nothing and quiet (its thread blocked in recv(), nothing read
+        for :data:`QUIET_SECONDS`, every reply acknowledged) gets its end of stream from here,
+        with a half-close; its thread wakes only if the client closes, and the process need
+        not wait for it. Every other client thread is interrupted with
+        :data:`WAKE_SIGNAL` after its socket got short timeouts: its recv() or send() ends, and
+        it sends what it owes, half-closes and drains like after DESCONEXION. Waking only those
+        keeps thousands of idle threads from fighting over the GIL at once. Needs
+        :func:`install_wake_handler` (main thread) first. Returns True if all ended in time.
         """
+        quiet_since = time.monotonic() - QUIET_SECONDS
         with self._clients_lock:
             self.stopping = True
-            for request, thread in self._clients.items():
+            for request, handler in self._clients.items():
+                if (handler is not None and handler.waiting_idle
+                        and handler.last_read < quiet_since and _all_sent(request)):
+                    with contextlib.suppress(OSError):  # the client left meanwhile
+                        request.shutdown(socket.SHUT_WR)
+                    self._ended_by_stop.add(request)
+                    handler.reported = True
+                    log.info("Cliente %s desconectado: %s", handler.peer, Reason.STOPPING)
+                    continue
                 self._set_stop_timeouts(request)
-                if thread is not None:
-                    signal.pthread_kill(thread, WAKE_SIGNAL)
-            return self._all_gone.wait_for(lambda: not self._clients, timeout)
+                if handler is not None:
+                    signal.pthread_kill(handler.thread, WAKE_SIGNAL)
+            return self._all_gone.wait_for(
+                lambda: self._clients.keys() <= self._ended_by_stop, timeout)
 
     @staticmethod
     def _set_stop_timeouts(request: socket.socket) -> None:

@@ -934,11 +934,6 @@ SPEC_CAPACITY = 4096
 
 
 @pytest.mark.stress
-@pytest.mark.xfail(strict=False, reason="BUG (timing-dependent: 4 runs in 6 here): with "
-                   "thousands connected, SIGTERM can take 3-20 s: close_clients() wakes every "
-                   "client thread at once (a signal each), and thousands of runnable threads "
-                   "starve the main thread of the GIL, so neither its wake-up loop nor "
-                   "wait_for(1.5 s) ends on time")
 def test_a_signal_with_thousands_connected_still_stops_within_2_s(
         spawn_server: Callable[..., ServerProcess]) -> None:
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < SPEC_CAPACITY + 100:
