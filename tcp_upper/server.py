@@ -108,7 +108,7 @@ def _all_sent(sock: socket.socket) -> bool:
         import termios
 
         queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # = SIOCOUTQ
-    except (ImportError, AttributeError, OSError):
+    except (ImportError, AttributeError, OSError, ValueError):  # ValueError: closed meanwhile
         return False
     return struct.unpack("@i", queued)[0] == 0
 
@@ -316,12 +316,12 @@ class UpperServer(socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
 
     def shutdown_request(self, request: Any) -> None:
-        super().shutdown_request(request)
-        with self._clients_lock:
+        with self._clients_lock:  # forget it first: close_clients() never sees a closed socket
             self._clients.pop(request, None)
             self._ended_by_stop.discard(request)
             if self.stopping or not self._clients:
                 self._all_gone.notify_all()
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A bug, not a client's doing (those are handled in the handler): log it with its trace."""
