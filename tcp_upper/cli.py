@@ -199,6 +199,9 @@ def server_main(argv: list[str] | None = None) -> int:
         config.SERVER_SETTINGS,
     )
     settings = parse_settings(parser, config.SERVER_SETTINGS, argv)
+    # Before any thread starts, so every thread inherits the mask: a stop signal (or a second
+    # Ctrl-C, or a worker's SIGCHLD) can then only be taken by sigwait() in the main thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGCHLD})
     with background_logging(settings.log_level, with_pid=settings.workers > 1) as log_writer:
         raise_open_file_limit(settings.max_clients)
         tune_runtime()

@@ -427,3 +427,16 @@ def test_warns_when_max_clients_exceeds_the_hard_limit(spawn_server):
         sock.sendall(b"ok\n")
         assert recv_exactly(sock, 3) == b"OK\n"
     stop(process)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_repeated_ctrl_c_stops_once_without_traceback(workers, spawn_server):
+    # An impatient user presses Ctrl-C three times: the first stops the server, the others
+    # must not surface as a KeyboardInterrupt in whatever thread they land on.
+    process = spawn_server("--workers", workers)
+    for _ in range(3):
+        process.signal(signal.SIGINT)
+    assert process.wait() == 0
+    assert "Traceback" not in process.log
+    assert "KeyboardInterrupt" not in process.log
+    assert process.log.count("Servidor parado") >= 1
