@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
@@ -121,14 +120,7 @@ def make_cluster() -> Iterator[Callable[..., cl.Cluster]]:
         for pid in pids:  # stop() waited for each, killing it if need be: none is left
             if pid is not None:
                 assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), pid
-        if cluster.killed:
-            warn_ignored_sigterm(cluster.killed)
-
-
-def warn_ignored_sigterm(names: list[str]) -> None:
-    """A server that misses SIGTERM is the server's bug (tests/test_server.py has it as an
-    xfail); the cluster's duty, killing it after a bounded wait, was done."""
-    warnings.warn(f"killed after ignoring SIGTERM: {names}", RuntimeWarning, stacklevel=2)
+        assert not cluster.killed, f"had to be killed after SIGTERM: {cluster.killed}"
 
 
 def _is_zombie(pid: int) -> bool:
@@ -430,9 +422,7 @@ def test_command_line_serves_and_stops_on_a_signal(tmp_path: Path, ctrl_c: bool)
     # traceback, and no instance reported dead because the signal reached it too.
     own = [line for line in lines if not re.match(r"(s\d+|haproxy) \| ", line)]
     assert not any("Traceback" in line or "terminó (" in line for line in own), "".join(lines)
-    killed = [line for line in own if "no terminó tras SIGTERM" in line]
-    if killed:
-        warn_ignored_sigterm(killed)
+    assert not [line for line in own if "no terminó tras SIGTERM" in line], "".join(lines)
 
 
 def test_command_line_without_haproxy_says_so(tmp_path: Path) -> None:
