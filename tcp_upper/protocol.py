@@ -51,8 +51,10 @@ _TRAILING_BLANKS = " \t\r"  # the CR of a CRLF counts as a trailing blank
 # cannot turn any other first character into one. A cheap superset filter; _classify decides.
 _SUSPECT_LINE_START = re.compile(rf"\n(?=[ \t]{{0,{MAX_BLANKS}}}(?:[dD]|\Z))")
 
-# The same filter for the ASCII fast path, on bytes.
-_SUSPECT_LINE_START_BYTES = re.compile(_SUSPECT_LINE_START.pattern.encode())
+# A coarser filter for the ASCII fast path, on bytes: a newline followed by a blank or a D.
+# (No lookahead, so it scans about twice as fast; a chunk that ends with a newline is checked
+# with endswith.) What it lets through, _process decides exactly.
+_MAYBE_COMMAND_LINE_BYTES = re.compile(rb"\n[ \tdD]")
 # Bytes that may begin the command's line: a blank or the command's first letter.
 _MAY_START_COMMAND = frozenset(b" \tdD")
 
@@ -183,14 +185,14 @@ class UpperProtocol:
         """
         if self._line_start == "" and data[0] in _MAY_START_COMMAND:
             return self._process(data.decode("ascii"))
-        match = _SUSPECT_LINE_START_BYTES.search(data)
-        if match is None:  # the current line goes on after this chunk
-            self._line_start = None
+        match = _MAYBE_COMMAND_LINE_BYTES.search(data)
+        if match is None:
+            # No line here can be the command; if the chunk ends with a newline, the next
+            # chunk starts a line afresh, otherwise the current line goes on.
+            self._line_start = "" if data.endswith(b"\n") else None
             return Reply(data.upper(), False)
-        decided = match.end()
+        decided = match.start() + 1
         self._line_start = ""
-        if decided == len(data):  # ends with a newline: the next line starts afresh
-            return Reply(data.upper(), False)
         rest = self._process(data[decided:].decode("ascii"))
         return Reply(data[:decided].upper() + rest.data, rest.close)
 
