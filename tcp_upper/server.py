@@ -9,7 +9,7 @@ Configured the ``socketserver`` way, with class attributes and hooks:
 
 Timeouts are kernel socket options (``SO_RCVTIMEO``/``SO_SNDTIMEO``) on a blocking socket, so
 every read and write is a single system call; an expired timeout surfaces as
-``BlockingIOError``. Nothing here reads settings files: :func:`main` in ``tcp_upper.cli``
+``BlockingIOError``. Nothing here reads settings files: ``tcp_upper.cli.server_main``
 wires settings, logging and signals together.
 """
 
