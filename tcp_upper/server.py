@@ -44,8 +44,9 @@ DRAIN_SECONDS = 1.0
 #: Keepalive: probe a silent peer after a minute, give up after 5 unanswered probes 10 s apart.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 5
 
-#: How long the accept loop pauses when the process is out of file descriptors.
-ACCEPT_PAUSE_SECONDS = 0.1
+#: How long the accept loop pauses when the process is out of file descriptors, and how often
+#: at most it says so in the log.
+ACCEPT_PAUSE_SECONDS, ACCEPT_WARNING_SECONDS = 0.1, 10.0
 
 #: Sent by close_clients() to each client thread to interrupt a blocked recv()/send(): the
 #: retried call then sees the short timeouts set just before, and the handler ends in order.
@@ -257,6 +258,7 @@ class UpperServer(socketserver.ThreadingTCPServer):
 
     max_clients: int = 10_000
     idle_timeout: float | None = None
+    _accept_warned_at = float("-inf")
     write_timeout: float = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -289,8 +291,12 @@ class UpperServer(socketserver.ThreadingTCPServer):
             return super().get_request()
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.warning("No se pueden aceptar más conexiones (%s): pausa de %g s; suba "
-                            "'ulimit -n' o baje --max-clients", exc.strerror, ACCEPT_PAUSE_SECONDS)
+                now = time.monotonic()
+                if now - self._accept_warned_at >= ACCEPT_WARNING_SECONDS:
+                    self._accept_warned_at = now
+                    log.warning("No se pueden aceptar más conexiones (%s): se reintenta cada "
+                                "%g s; suba 'ulimit -n' o baje --max-clients", exc.strerror,
+                                ACCEPT_PAUSE_SECONDS)
                 time.sleep(ACCEPT_PAUSE_SECONDS)
             raise
 

@@ -1244,6 +1244,8 @@ def test_out_of_descriptors_the_server_does_not_spin(
         for sock in socks:
             sock.close()
     assert busy < 0.2, f"the idle server used {busy:.0%} of a CPU while out of descriptors"
+    # Said once, not once per retry (every 0.1 s).
+    assert len(log_lines(process.log, "No se pueden aceptar")) == 1, process.log
 
 
 # --- out of threads --------------------------------------------------------------------------
