@@ -97,21 +97,27 @@ def _enable_keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+def _queued_bytes(sock: socket.socket, which: str) -> int | None:
+    """Bytes in one of the socket's kernel queues, by ioctl: ``"FIONREAD"`` received and not
+    read yet, ``"TIOCOUTQ"`` (SIOCOUTQ) sent and not acknowledged yet. None where the system
+    cannot tell, or the socket is closed."""
+    try:
+        import fcntl
+        import termios
+
+        raw = fcntl.ioctl(sock.fileno(), getattr(termios, which), b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
+    return int(struct.unpack("@i", raw)[0])
+
+
 def _all_sent(sock: socket.socket) -> bool:
     """True when the kernel holds no reply bytes the client has not acknowledged yet.
 
     Only then may the process exit without this connection's thread: closing a socket with
     replies still queued would lose them if the client sends anything meanwhile (reset).
-    Where the system cannot tell, False.
     """
-    try:
-        import fcntl
-        import termios
-
-        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # = SIOCOUTQ
-    except (ImportError, AttributeError, OSError, ValueError):  # ValueError: closed meanwhile
-        return False
-    return struct.unpack("@i", queued)[0] == 0
+    return _queued_bytes(sock, "TIOCOUTQ") == 0
 
 
 def _refuse(request: socket.socket, message: str) -> None:
@@ -214,7 +220,24 @@ class UpperHandler(socketserver.StreamRequestHandler):
                              HOLD_BACK_SECONDS if holding else server.idle_timeout)
                 if server.stopping:  # close_clients() may have set its timeout just before
                     break
-        # The server is stopping: deliver what is owed, then close like after DESCONEXION.
+        # The server is stopping. What the client sent before that is owed a reply, even if it
+        # is still in the receive queue: answer it (what arrives later is discarded), then
+        # close like after DESCONEXION.
+        unread = _queued_bytes(sock, "FIONREAD") or 0
+        while unread > 0:
+            try:
+                data = recv(min(unread, READ_SIZE), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            unread -= len(data)
+            reply, close = feed(data)
+            if reply:
+                sendall(reply)
+            if close:
+                self._close_orderly(STOP_DRAIN_SECONDS)
+                return Reason.COMMAND
         reply, close = protocol.feed_eof()
         if reply:
             sendall(reply)
