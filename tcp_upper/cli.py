@@ -185,8 +185,9 @@ def serve(server: UpperServer, announce: bool = True) -> None:
     log.info("Señal %s: parando; %d clientes conectados", signal.Signals(signum).name,
              server.active_clients)
     server.shutdown()
-    if not server.close_clients(STOP_GRACE_SECONDS):
-        log.warning("%d clientes no terminaron a tiempo; se cierran", server.active_clients)
+    unfinished = server.close_clients(STOP_GRACE_SECONDS)
+    if unfinished:
+        log.warning("%d clientes no terminaron a tiempo; se cierran", unfinished)
     server.server_close()
     log.info("Servidor parado")
 
