@@ -147,10 +147,10 @@ class UpperHandler(socketserver.StreamRequestHandler):
         self.peer = format_address(self.client_address)
         self.thread = threading.get_ident()
         #: True while blocked in recv() owing the client nothing: close_clients() can then end
-        #: the connection from its own thread, without waking this one.
+        #: the connection from the main thread, without waking this one.
         self.waiting_idle = False
         self.reported = False  # whether its disconnect line was logged (see mark_reported)
-        self.last_read = time.monotonic()
+        self.last_read = time.monotonic()  # when recv() last returned (see QUIET_SECONDS)
         self.server.attach(self)
 
     def handle(self) -> None:
