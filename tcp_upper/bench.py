@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 from . import __version__, config
 from .errors import SettingsError
+from .system import format_address, raise_open_file_limit
 
 PROG = "tcp-upper-bench"
 
@@ -746,25 +747,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _raise_open_file_limit(needed: int) -> None:
-    """Raise the soft open-file limit toward the hard one: a default 1024 caps connections."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return
-    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    # On failure, connecting fails with EMFILE, and that message says what to do.
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 def _load_pyplot() -> Any:
     """matplotlib.pyplot, drawing to files only; ImportError when the extra is not installed."""
     import matplotlib
@@ -882,7 +864,8 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary["first_error"]:
         rows.append(("primer error", summary["first_error"]))
     width = max(len(name) for name, _ in rows)
-    head = f"{PROG} {summary['version']} contra {_format_address(summary['host'], summary['port'])}"
+    target = format_address((summary["host"], summary["port"]))
+    head = f"{PROG} {summary['version']} contra {target}"
     return "\n".join([head] + [f"  {name:<{width}}  {value}" for name, value in rows])
 
 
@@ -939,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.plot).resolve().parent.is_dir():
             return fail(2, f"--plot: no existe el directorio de {args.plot!r}")
 
-    label = _format_address(settings.host, settings.port)
+    label = format_address((settings.host, settings.port))
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(
             settings.host, settings.port, type=socket.SOCK_STREAM)[0]
@@ -949,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     target = Target(label=label, conns=args.conns, family=family, sockaddr=sockaddr,
                     depth=args.depth, size=args.size, duration=args.duration,
                     timeout=args.timeout)
-    _raise_open_file_limit(-(-args.conns // processes) + 64)
+    raise_open_file_limit(-(-args.conns // processes) + 64)
 
     progress = _ProgressLine(sys.stderr)
     try:

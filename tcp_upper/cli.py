@@ -24,10 +24,10 @@ from .errors import SettingsError
 from .server import (
     UpperServer,
     bind_error_message,
-    format_address,
     install_wake_handler,
     make_server,
 )
+from .system import format_address, raise_open_file_limit
 
 log = logging.getLogger("tcp_upper")
 
@@ -127,22 +127,11 @@ def background_logging(level: str, with_pid: bool = False) -> Iterator[threading
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def raise_open_file_limit(max_clients: int) -> None:
-    """Raise the soft open-file limit toward the hard one; warn if max_clients cannot fit."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+def check_open_file_limit(max_clients: int) -> None:
+    """Raise the open-file limit for *max_clients*; warn if they cannot all fit under it."""
     wanted = max_clients + RESERVED_FDS
-    target = wanted if hard == resource.RLIM_INFINITY else min(max(soft, wanted), hard)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("No se pudo subir el límite de ficheros abiertos a %d: %s", target, exc)
-    if soft < wanted:
+    soft = raise_open_file_limit(wanted)
+    if soft is not None and soft < wanted:
         log.warning(
             "El límite de ficheros abiertos (%d) no alcanza para %d clientes: se atenderán unos "
             "%d; suba 'ulimit -n' o baje --max-clients",
@@ -204,7 +193,7 @@ def server_main(argv: list[str] | None = None) -> int:
     # Ctrl-C, or a worker's SIGCHLD) can then only be taken by sigwait() in the main thread.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGCHLD})
     with background_logging(settings.log_level, with_pid=settings.workers > 1) as log_writer:
-        raise_open_file_limit(settings.max_clients)
+        check_open_file_limit(settings.max_clients)
         tune_runtime()
         if settings.workers > 1:
             from .workers import run_workers

@@ -19,7 +19,7 @@ from types import TracebackType
 
 from .errors import UpperClientError
 from .protocol import is_command
-from .server import format_address
+from .system import format_address
 
 COMMAND = "DESCONEXION"
 PROMPT = "Cliente envía: "

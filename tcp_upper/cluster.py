@@ -32,6 +32,7 @@ from types import FrameType
 
 from . import __version__, config
 from .errors import SettingsError, TcpUpperError
+from .system import format_address
 
 log = logging.getLogger(__name__)
 #: Children's own log lines, relayed unchanged (they already carry a timestamp and level).
@@ -92,11 +93,6 @@ def default_backends(
 ) -> list[tuple[str, int]]:
     """The local back ends of the cluster command: *count* ports from *base_port* on loopback."""
     return [(BACKEND_HOST, base_port + i) for i in range(count)]
-
-
-def haproxy_address(host: str, port: int) -> str:
-    """``host:port`` as HAProxy reads it; IPv6 literals go in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _duration(seconds: float) -> str:
@@ -182,7 +178,7 @@ def render_haproxy_config(
         "    option redispatch 1",
         "",
         f"frontend {FRONTEND_NAME}",
-        f"    bind {haproxy_address(front_host, front_port)}",
+        f"    bind {format_address((front_host, front_port))}",
         f"    maxconn {maxconn}",
         f"    default_backend {BACKEND_NAME}",
         "",
@@ -197,7 +193,7 @@ def render_haproxy_config(
         f"    default-server inter {_interval(check.inter_ms)} fall {check.fall} rise {check.rise}",
     ]
     lines += [
-        f"    server s{i} {haproxy_address(host, port)} check"
+        f"    server s{i} {format_address((host, port))} check"
         for i, (host, port) in enumerate(backends, start=1)
     ]
     return "\n".join(lines) + "\n"
@@ -733,9 +729,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("HAProxy (PID %d) reparte entre %d servidores (%s%s); estado: echo 'show stat' "
                  "| socat stdio unix-connect:%s", cluster.haproxy_pid,
                  len(cluster.instances) + len(extra), ports,
-                 "".join(f", {haproxy_address(*b)}" for b in extra), cluster.stats_socket)
+                 "".join(f", {format_address(b)}" for b in extra), cluster.stats_socket)
         # Where to connect goes to stdout at any log level, like http.server's "Serving on".
-        print(f"Cluster escuchando en {haproxy_address(cluster.front_host, cluster.front_port)}"
+        print(f"Cluster escuchando en {format_address((cluster.front_host, cluster.front_port))}"
               f": conecte con  python -m tcp_upper.client --host {cluster.front_host} --port "
               f"{cluster.front_port}  (Ctrl-C para parar)", flush=True)
         while not stop.wait(POLL_SECONDS):

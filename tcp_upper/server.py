@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable
 
 from .protocol import HOLD_BACK_SECONDS, UpperProtocol
+from .system import format_address, listen_address
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,6 @@ def _refuse(request: socket.socket, message: str) -> None:
     """Send a refused client its ERROR line without blocking (the caller then closes it)."""
     with contextlib.suppress(OSError):  # it left already
         request.send(message.encode(), socket.MSG_DONTWAIT)
-
-
-def format_address(address: Any) -> str:
-    """``host:port`` for IPv4, ``[host]:port`` for IPv6, as people and URLs write them."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class UpperHandler(socketserver.StreamRequestHandler):
@@ -441,9 +436,7 @@ def make_server(
 
     Raises ``OSError`` from resolving or binding (e.g. ``EADDRINUSE``).
     """
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-    )[0]
+    family, address = listen_address(host, port)
     server_class = UpperServer6 if family == socket.AF_INET6 else UpperServer
     server = server_class(address, handler, bind_and_activate=False)
     server.max_clients = max_clients

@@ -18,7 +18,8 @@ import socket
 import time
 
 from .config import Settings
-from .server import bind_error_message, format_address, make_server
+from .server import bind_error_message, make_server
+from .system import format_address, listen_address
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,8 @@ def _reserve_port(settings: Settings) -> socket.socket:
 
     It receives no connections; it keeps the port ours while workers come and go.
     """
-    family, kind, proto, _, address = socket.getaddrinfo(
-        settings.host, settings.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
+    family, address = listen_address(settings.host, settings.port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
