@@ -79,6 +79,7 @@ class Reason:
     IDLE = "inactivo {seconds:g} s"
     STALLED = "no lee sus respuestas desde hace {seconds:g} s"
     STOPPING = "parada del servidor"
+    STOP_LATE = "parada del servidor (no terminó a tiempo; se corta)"
 
 
 def _set_timeout(sock: socket.socket, option: int, seconds: float | None) -> None:
@@ -398,7 +399,13 @@ class UpperServer(socketserver.ThreadingTCPServer):
                 if handler is not None:
                     signal.pthread_kill(handler.thread, WAKE_SIGNAL)
             self._all_gone.wait_for(lambda: self._clients.keys() <= self._ended_by_stop, timeout)
-            return len(self._clients.keys() - self._ended_by_stop)
+            unfinished = [handler for request, handler in self._clients.items()
+                          if request not in self._ended_by_stop]
+            for handler in unfinished:  # the process ends without them: say so, once each
+                if handler is not None and not handler.reported:
+                    handler.reported = True
+                    log.info("Cliente %s desconectado: %s", handler.peer, Reason.STOP_LATE)
+            return len(unfinished)
 
     @staticmethod
     def _set_stop_timeouts(request: socket.socket) -> None:
