@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import select
 import signal
 import socket
 import socketserver
@@ -62,6 +63,11 @@ QUIET_SECONDS = 0.25
 #: may wait for a slow reader.
 STOP_RECV_SECONDS, STOP_SEND_SECONDS = 0.001, 0.5
 
+#: When stopping, a client still talking is answered until it has been silent for
+#: STOP_QUIET_SECONDS (its kernel sends what it queued as soon as the server reads), for
+#: STOP_ANSWER_SECONDS at most (a client that never stops talking).
+STOP_QUIET_SECONDS, STOP_ANSWER_SECONDS = 0.02, 0.5
+
 #: The drain after the half-close, when stopping: short, so that thousands of client threads
 #: are done well before the 2 s stop deadline and leave the main thread the GIL to exit.
 STOP_DRAIN_SECONDS = 0.3
@@ -99,27 +105,21 @@ def _enable_keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
-def _queued_bytes(sock: socket.socket, which: str) -> int | None:
-    """Bytes in one of the socket's kernel queues, by ioctl: ``"FIONREAD"`` received and not
-    read yet, ``"TIOCOUTQ"`` (SIOCOUTQ) sent and not acknowledged yet. None where the system
-    cannot tell, or the socket is closed."""
-    try:
-        import fcntl
-        import termios
-
-        raw = fcntl.ioctl(sock.fileno(), getattr(termios, which), b"\0\0\0\0")
-    except (ImportError, AttributeError, OSError, ValueError):
-        return None
-    return int(struct.unpack("@i", raw)[0])
-
-
 def _all_sent(sock: socket.socket) -> bool:
-    """True when the kernel holds no reply bytes the client has not acknowledged yet.
+    """True when the kernel holds no reply bytes the client has not acknowledged yet
+    (``TIOCOUTQ``, alias SIOCOUTQ; False where the system cannot tell, or the socket is closed).
 
     Only then may the process exit without this connection's thread: closing a socket with
     replies still queued would lose them if the client sends anything meanwhile (reset).
     """
-    return _queued_bytes(sock, "TIOCOUTQ") == 0
+    try:
+        import fcntl
+        import termios
+
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError, ValueError):
+        return False
+    return struct.unpack("@i", raw)[0] == 0
 
 
 def _refuse(request: socket.socket, message: str) -> None:
@@ -216,18 +216,21 @@ class UpperHandler(socketserver.StreamRequestHandler):
                              HOLD_BACK_SECONDS if holding else server.idle_timeout)
                 if server.stopping:  # close_clients() may have set its timeout just before
                     break
-        # The server is stopping. What the client sent before that is owed a reply, even if it
-        # is still in the receive queue: answer it (what arrives later is discarded), then
-        # close like after DESCONEXION.
-        unread = _queued_bytes(sock, "FIONREAD") or 0
-        while unread > 0:
+        # The server is stopping. What the client sent before that is owed a reply, including
+        # bytes still on their way: a client's kernel holds back what did not fit in this
+        # socket's receive queue and sends it as soon as this thread reads. So answer until the
+        # client has been silent a moment (bounded, for one that never stops talking), then
+        # close like after DESCONEXION; what arrives after the half-close is discarded.
+        deadline = monotonic() + STOP_ANSWER_SECONDS
+        readable = select.poll()
+        readable.register(sock, select.POLLIN)
+        while monotonic() < deadline and readable.poll(STOP_QUIET_SECONDS * 1000):
             try:
-                data = recv(min(unread, READ_SIZE), socket.MSG_DONTWAIT)
+                data = recv(READ_SIZE, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                break
+                continue
             if not data:
                 break
-            unread -= len(data)
             reply, close = feed(data)
             if reply:
                 sendall(reply)

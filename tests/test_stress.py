@@ -976,6 +976,8 @@ def test_a_signal_does_not_cut_replies_a_pipelining_client_is_still_reading(
     burst_sent, reader_done = threading.Event(), threading.Event()
     outcome: dict[str, OSError | None] = {}
     with connect(process.port) as sock:
+        sock.sendall(b"hola\n")  # a round trip: accepted and served, not in the backlog
+        assert recv_exactly(sock, 5) == b"HOLA\n"
 
         def sender() -> None:
             try:
@@ -1019,6 +1021,63 @@ def test_a_signal_does_not_cut_replies_a_pipelining_client_is_still_reading(
     assert len(received) >= len(model(burst)), f"only {len(received)} bytes of the replies due"
     assert bytes(received) == model(bytes(sent))[:len(received)]
     assert elapsed < STOP_LIMIT
+
+
+@pytest.mark.stress
+def test_stopping_answers_requests_still_on_their_way(
+        start_server: Callable[..., ThreadedServer]) -> None:
+    """What the client sent before the stop is answered, even the part its own kernel still
+    holds because the server's receive queue was full: then FIN, no reset.
+
+    The client writes without reading until both directions are full (megabytes between
+    us), so when the stop begins more than a piece it sent has not reached the server yet.
+    In process, so the client starts reading only once the server is stopping: the handler
+    then finds its receive queue full and the rest of the requests on their way.
+    """
+    running = start_server()
+    piece = b"abcdefghij" * 6554  # 64 KiB
+    handed = 0  # bytes of the pieces whose sendall() returned
+    stop_sending = threading.Event()
+    with connect(running.port) as sock:
+        sock.sendall(b"hola\n")  # a round trip: accepted and served, not in the backlog
+        assert recv_exactly(sock, 5) == b"HOLA\n"
+
+        def sender() -> None:
+            nonlocal handed
+            with contextlib.suppress(OSError):
+                for _ in range(1024):  # 64 MiB at most
+                    if stop_sending.is_set():
+                        return
+                    sock.sendall(piece)
+                    handed += len(piece)
+
+        def held_back() -> int:
+            """Bytes our kernel holds that the server has not received (SIOCOUTQ)."""
+            raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            return int(struct.unpack("i", raw)[0])
+
+        writer = threading.Thread(target=sender, daemon=True)
+        writer.start()
+        wait_until(lambda: _stuck(sock) and held_back() > 2 * len(piece),
+                   what="the buffers full both ways")
+        owed = handed  # at least a piece of it is among the bytes held back
+        stop_sending.set()
+        outcome: dict[str, tuple[bytes, OSError | None]] = {}
+
+        def read_once_stopping() -> None:
+            wait_until(lambda: running.server.stopping, what="the server stopping")
+            outcome["read"] = recv_all(sock)
+
+        reader = threading.Thread(target=read_once_stopping, daemon=True)
+        reader.start()
+        assert running.server.close_clients(timeout=DEADLINE) == 0
+        reader.join(DEADLINE)
+        writer.join(DEADLINE)
+    reply, error = outcome["read"]
+    assert error is None, f"{error!r} after {len(reply)} bytes"
+    assert len(reply) >= owed, f"{len(reply)} bytes of replies; {owed} were owed"
+    assert reply == model(piece * (len(reply) // len(piece) + 1))[:len(reply)]
+    print(f"{owed >> 10} KiB owed at the stop, {len(reply) >> 10} KiB answered")
 
 
 @pytest.mark.stress
