@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import gc
 import logging
-import logging.handlers
 import os
 import queue
 import signal
@@ -18,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import TextIO
 
 from . import __version__, config
 from .errors import SettingsError
@@ -38,15 +38,27 @@ THREAD_STACK_BYTES = 512 * 1024
 #: File descriptors kept for everything but clients (listening socket, logs, imports).
 RESERVED_FDS = 64
 
-#: SIGTERM/SIGINT must end the process within 2 s: time given to clients to leave in order.
-STOP_GRACE_SECONDS = 1.3
+#: SIGTERM/SIGINT must end the process within 2 s of the signal: clients get up to
+#: STOP_GRACE_SECONDS to leave in order, and the log lines still queued then get what is left
+#: of STOP_BUDGET_SECONDS (LOG_FLUSH_SECONDS at least) to be written.
+STOP_GRACE_SECONDS, STOP_BUDGET_SECONDS = 1.3, 1.8
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
-#: Log records waiting for the writer thread at most; beyond it they are dropped (stderr stuck).
-LOG_QUEUE_RECORDS = 10_000
-#: At exit, how long queued log lines may take to be written.
+#: Log lines waiting for the writer thread at most (about 100 bytes each); beyond it they are
+#: dropped: stderr is stuck, or a storm of thousands of clients outpaces the writer.
+LOG_QUEUE_LINES = 50_000
+#: At exit, how long queued log lines may take to be written, at least.
 LOG_FLUSH_SECONDS = 0.3
+
+#: How long a thread waiting for the GIL lets the holder run before asking it to let go
+#: (CPython's default is 5 ms). Every thread here gives the GIL up at each system call, so a
+#: longer interval does not delay them (the compare.sh rows did not move); but each waiting
+#: thread wakes once per interval, and when thousands wait at once (a connection storm,
+#: everyone leaving together) those wake-ups take over the CPUs. 9,000 clients leaving as
+#: SIGTERM lands: exit 27 s with 5 ms, 1.0-1.3 s with 0.2 s (tests/test_stress.py has the
+#: 4,096-client case).
+SWITCH_INTERVAL_SECONDS = 0.2
 
 
 def build_parser(prog: str, description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -74,57 +86,103 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 
-class _LogWriter(threading.Thread):
-    """Writes queued log records with *handler*, from one daemon thread, until it gets None."""
+class LogWriter(threading.Thread):
+    """Writes queued log lines to *stream*, from one daemon thread, until it gets None.
 
-    def __init__(self, records: queue.Queue[logging.LogRecord | None],
-                 handler: logging.Handler) -> None:
+    Whatever is queued goes out in one write(): when thousands of client threads want the GIL
+    at once (a connection storm, everyone leaving together) this thread gets it rarely, so
+    each turn must count.
+    """
+
+    def __init__(self, lines: queue.SimpleQueue[str | None], stream: TextIO) -> None:
         super().__init__(name="log-writer", daemon=True)
-        self.records, self.handler = records, handler
+        self.lines, self.stream = lines, stream
+        #: When the lines still queued at exit must be written by (time.monotonic()); set by
+        #: serve() from the stop signal, so they get what the stop left of its budget.
+        self.flush_deadline = float("-inf")
 
     def run(self) -> None:
-        while (record := self.records.get()) is not None:
-            self.handler.handle(record)
+        lines, stream = self.lines, self.stream
+        while True:
+            batch = [lines.get()]
+            with contextlib.suppress(queue.Empty):
+                while batch[-1] is not None:
+                    batch.append(lines.get_nowait())
+            done = batch[-1] is None
+            if done:
+                batch.pop()
+            with contextlib.suppress(OSError, ValueError):  # stderr broken or closed: drop
+                stream.write("".join(batch))
+                stream.flush()
+            if done:
+                return
 
 
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Queues records for the writer thread; never blocks: when the queue is full (nobody
-    reads stderr), the record is dropped, so memory stays bounded and clients are served."""
+class _LineQueueHandler(logging.Handler):
+    """Formats each record in the thread that logs it and queues the line for the writer.
 
-    def enqueue(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(record)
+    Never blocks: past :data:`LOG_QUEUE_LINES` waiting (nobody reads stderr, or the writer
+    cannot keep up), lines are dropped and counted, so memory stays bounded and clients are
+    served. A SimpleQueue takes no lock of its own for thousands of threads to fight over; the
+    bound is checked first, so racing threads may pass it by a few lines.
+    """
+
+    def __init__(self, lines: queue.SimpleQueue[str | None]) -> None:
+        super().__init__()
+        self.lines = lines
+        self.dropped = 0
+        self._dropped_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.lines.qsize() < LOG_QUEUE_LINES:
+            try:
+                self.lines.put(self.format(record) + "\n")
+            except Exception:  # a bad format string: logging's own policy (silent here)
+                self.handleError(record)
+        else:
+            with self._dropped_lock:
+                self.dropped += 1
+
+    def report_dropped(self) -> None:
+        """Queue one line (past the bound) saying how many were dropped, if any were."""
+        if self.dropped:
+            self.lines.put(self.format(logging.makeLogRecord({
+                "name": log.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": "%d líneas del registro se descartaron: se escribían más despacio de lo "
+                       "que llegaban", "args": (self.dropped,)})) + "\n")
 
 
 @contextlib.contextmanager
-def background_logging(level: str, with_pid: bool = False) -> Iterator[threading.Thread]:
+def background_logging(level: str, with_pid: bool = False) -> Iterator[LogWriter]:
     """Like :func:`configure_logging`, but stderr is written by one background thread.
 
-    Client threads only format and queue their records, so a log line never makes them give up
+    Client threads only format and queue their lines, so a log line never makes them give up
     the GIL for a write() (at thousands of clients, each hand-off is a wait). When the block
-    ends, queued records are written, waiting at most :data:`LOG_FLUSH_SECONDS`: a stderr that
-    nobody reads must not keep the process alive. With *with_pid*, lines show the process id.
-    Yields the writer thread: still alive after the block means stderr is stuck.
+    ends, queued lines are written, waiting until the writer's ``flush_deadline`` or
+    :data:`LOG_FLUSH_SECONDS`, whichever is later: a stderr that nobody reads must not keep the
+    process alive. Lines dropped on the way are counted in one last line. With *with_pid*,
+    lines show the process id. Yields the writer thread: still alive after the block means
+    stderr is stuck.
     """
     fmt = LOG_FORMAT.replace("%(levelname)s", "%(levelname)s [%(process)d]") if with_pid else (
         LOG_FORMAT
     )
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter(fmt))
-    records: queue.Queue[logging.LogRecord | None] = queue.Queue(LOG_QUEUE_RECORDS)
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    queued = _LineQueueHandler(lines)
+    queued.setFormatter(logging.Formatter(fmt))
     logging.raiseExceptions = False  # a broken stderr must not print tracebacks to itself
     root = logging.getLogger()
-    root.handlers = [_DroppingQueueHandler(records)]
+    root.handlers = [queued]
     root.setLevel(level)
-    thread = _LogWriter(records, writer)
+    thread = LogWriter(lines, sys.stderr)
     thread.start()
     try:
         yield thread
     finally:
-        deadline = time.monotonic() + LOG_FLUSH_SECONDS
-        with contextlib.suppress(queue.Full):
-            records.put(None, timeout=LOG_FLUSH_SECONDS)
-            thread.join(max(0.0, deadline - time.monotonic()))
+        queued.report_dropped()
+        deadline = max(time.monotonic() + LOG_FLUSH_SECONDS, thread.flush_deadline)
+        lines.put(None)
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def check_open_file_limit(max_clients: int) -> None:
@@ -142,6 +200,7 @@ def check_open_file_limit(max_clients: int) -> None:
 def tune_runtime() -> None:
     """Process-wide settings for thousands of threads; called once, before serving."""
     threading.stack_size(THREAD_STACK_BYTES)
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     # Objects alive at start-up never become garbage: keep full collections from re-scanning
     # them, so pauses grow with the clients' objects only.
     gc.collect()
@@ -156,11 +215,12 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 POLL_SECONDS = 0.1
 
 
-def serve(server: UpperServer, announce: bool = True) -> None:
+def serve(server: UpperServer, log_writer: LogWriter, announce: bool = True) -> None:
     """Serve until SIGINT/SIGTERM, then close every client in order (main thread only).
 
     The accept loop runs in its own thread; the main thread waits for a stop signal. The
-    listening line is logged at INFO when *announce* is true, at DEBUG otherwise.
+    listening line is logged at INFO when *announce* is true, at DEBUG otherwise. The lines
+    still queued in *log_writer* after the stop may use what is left of the stop budget.
     """
     install_wake_handler()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by every new thread
@@ -171,6 +231,7 @@ def serve(server: UpperServer, announce: bool = True) -> None:
             "Servidor escuchando en %s (máximo %d clientes)",
             format_address(server.server_address), server.max_clients)
     signum = signal.sigwait(STOP_SIGNALS)
+    log_writer.flush_deadline = time.monotonic() + STOP_BUDGET_SECONDS
     log.info("Señal %s: parando; %d clientes conectados", signal.Signals(signum).name,
              server.active_clients)
     server.shutdown()
@@ -200,13 +261,13 @@ def server_main(argv: list[str] | None = None) -> int:
 
             status = run_workers(settings)
         else:
-            status = run_server(settings)
+            status = run_server(settings, log_writer)
     if log_writer.is_alive():  # nobody reads stderr: a normal exit would block flushing it
         os._exit(status)
     return status
 
 
-def run_server(settings: config.Settings) -> int:
+def run_server(settings: config.Settings, log_writer: LogWriter) -> int:
     """One server process: listen, serve until a stop signal; 1 if it cannot listen."""
     try:
         server = make_server(
@@ -219,7 +280,7 @@ def run_server(settings: config.Settings) -> int:
     except OSError as exc:
         log.error("%s", bind_error_message(exc, settings.host, settings.port))
         return 1
-    serve(server)
+    serve(server, log_writer)
     return 0
 
 

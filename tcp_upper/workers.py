@@ -62,7 +62,7 @@ def _start_worker(settings: Settings, port: int, ready_fd: int) -> int:
         from .cli import background_logging, serve
 
         # The parent's log-writing thread does not exist in this process: start our own.
-        with background_logging(settings.log_level, with_pid=True):
+        with background_logging(settings.log_level, with_pid=True) as log_writer:
             try:
                 server = make_server(
                     settings.host, port, max_clients=settings.max_clients,
@@ -73,7 +73,7 @@ def _start_worker(settings: Settings, port: int, ready_fd: int) -> int:
                 log.error("%s", bind_error_message(exc, settings.host, port))
             else:
                 os.write(ready_fd, b".")
-                serve(server, announce=False)  # the parent announces once all are up
+                serve(server, log_writer, announce=False)  # the parent announces once all are up
                 status = 0
     finally:
         os._exit(status)

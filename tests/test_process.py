@@ -8,6 +8,8 @@ stopped by it. Clients are plain sockets whose every read is bounded by ``DEADLI
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import re
 import resource
 import signal
@@ -31,6 +33,7 @@ from conftest import (
     wait_until,
 )
 
+from tcp_upper import cli
 from tcp_upper.config import Settings
 
 TIMESTAMPED = re.compile(
@@ -445,3 +448,63 @@ def test_repeated_ctrl_c_stops_once_without_traceback(workers, spawn_server):
     assert "Traceback" not in process.log
     assert "KeyboardInterrupt" not in process.log
     assert "Servidor parado" in process.log
+
+
+# --- the log writer (in process: tcp_upper.cli.background_logging) ---------------------------
+
+class _GatedStream(io.StringIO):
+    """A stderr whose write() waits until the test opens the gate: a reader that stalls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing, self.gate = threading.Event(), threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        assert self.gate.wait(DEADLINE), "the test never opened the gate"
+        return super().write(text)
+
+
+@pytest.fixture
+def quiet_root_logger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let background_logging take over the root logger; put it back afterwards."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(logging, "raiseExceptions", logging.raiseExceptions)
+
+
+@pytest.mark.usefixtures("quiet_root_logger")
+def test_log_lines_past_the_bound_are_dropped_then_counted(monkeypatch: pytest.MonkeyPatch):
+    # Lines go out in order, in batches; while the writer is stuck, lines past the bound are
+    # dropped (memory stays bounded) and one last line says how many.
+    stream = _GatedStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(cli, "LOG_QUEUE_LINES", 3)
+    log = logging.getLogger("tcp_upper.test")
+    with cli.background_logging("INFO") as writer:
+        log.info("primera")
+        assert stream.writing.wait(DEADLINE)  # the writer holds it, stuck in write()
+        for number in range(5):
+            log.info("línea %d", number)
+        stream.gate.set()
+    assert not writer.is_alive()
+    lines = [line.split(" ", 2)[2] for line in stream.getvalue().splitlines()]
+    assert lines == ["INFO primera", "INFO línea 0", "INFO línea 1", "INFO línea 2",
+                     "WARNING 2 líneas del registro se descartaron: se escribían más despacio "
+                     "de lo que llegaban"]
+
+
+@pytest.mark.usefixtures("quiet_root_logger")
+def test_log_lines_are_all_written_at_exit_when_none_was_dropped(
+        monkeypatch: pytest.MonkeyPatch):
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    log = logging.getLogger("tcp_upper.test")
+    with cli.background_logging("INFO") as writer:
+        for number in range(2000):
+            log.info("línea %d", number)
+    assert not writer.is_alive()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" ", 3)[3] for line in lines] == [f"línea {n}" for n in range(2000)]
+    assert all(TIMESTAMPED.match(line) for line in lines)
