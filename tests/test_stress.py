@@ -843,16 +843,19 @@ def test_a_client_that_never_reads_is_cut_after_the_write_timeout_alone(
 
 # --- signals ---------------------------------------------------------------------------------
 
+def _queued(sock: socket.socket, request: int) -> int:
+    """Bytes in one of our socket's kernel queues: ``termios.FIONREAD`` received and not read
+    yet, ``termios.TIOCOUTQ`` (SIOCOUTQ) sent and not acknowledged by the server yet."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
+
+
 def _stuck(sock: socket.socket) -> bool:
     """True when both directions are full: the server is blocked sending to this client.
 
     Its unread replies fill our receive queue (FIONREAD) and, the server no longer reading,
     our requests pile up in our send queue (SIOCOUTQ).
     """
-    def queued(request: int) -> int:
-        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
-
-    return queued(termios.FIONREAD) >= 65536 and queued(termios.TIOCOUTQ) >= 65536
+    return _queued(sock, termios.FIONREAD) >= 65536 and _queued(sock, termios.TIOCOUTQ) >= 65536
 
 
 def _push_until_refused(sock: socket.socket) -> None:
@@ -933,20 +936,31 @@ def test_a_signal_with_hundreds_connected_closes_each_in_order(
 SPEC_CAPACITY = 4096
 
 
-@pytest.mark.stress
-def test_a_signal_with_thousands_connected_still_stops_within_2_s(
-        spawn_server: Callable[..., ServerProcess]) -> None:
+@contextlib.contextmanager
+def _thousands_served(port: int) -> Iterator[list[socket.socket]]:
+    """:data:`SPEC_CAPACITY` clients, each served one round trip (so each has its thread);
+    closed on the way out. Skips the test where the open-file limit cannot hold them."""
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < SPEC_CAPACITY + 100:
         pytest.skip("the open-file limit is too low for this many sockets")
-    process = spawn_server()
     socks: list[socket.socket] = []
     try:
         for number in range(SPEC_CAPACITY):
-            sock = connect(process.port)
+            sock = connect(port)
             socks.append(sock)
             sock.sendall(b"%d\n" % number)
         for number, sock in enumerate(socks):
             assert recv_exactly(sock, len(b"%d\n" % number)) == b"%d\n" % number
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.stress
+def test_a_signal_with_thousands_connected_still_stops_within_2_s(
+        spawn_server: Callable[..., ServerProcess]) -> None:
+    process = spawn_server()
+    with _thousands_served(process.port) as socks:
         began = time.monotonic()
         process.signal(signal.SIGTERM)
         status = process.wait(timeout=STOP_LIMIT + 1.0)  # fails (after a kill) if it hangs
@@ -955,9 +969,6 @@ def test_a_signal_with_thousands_connected_still_stops_within_2_s(
         assert elapsed < STOP_LIMIT, f"{elapsed:.2f} s to stop with {len(socks)} clients"
         for sock in socks:
             assert recv_all(sock) == (b"", None)
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 @pytest.mark.stress
@@ -970,24 +981,14 @@ def test_thousands_leaving_at_once_as_a_signal_lands_still_stop_within_2_s(
     the CPUs: exit took 0.8-4.3 s with 4,000 clients, 27 s with 9,000; and the log writer,
     starved, dropped thousands of disconnect lines.
     """
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < SPEC_CAPACITY + 100:
-        pytest.skip("the open-file limit is too low for this many sockets")
     process = spawn_server()
-    socks = [connect(process.port) for _ in range(SPEC_CAPACITY)]
-    try:
-        for number, sock in enumerate(socks):
-            sock.sendall(b"%d\n" % number)
-        for number, sock in enumerate(socks):
-            assert recv_exactly(sock, len(b"%d\n" % number)) == b"%d\n" % number
+    with _thousands_served(process.port) as socks:
         began = time.monotonic()
         for sock in socks:
             sock.close()
         process.signal(signal.SIGTERM)
         status = process.wait(timeout=STOP_LIMIT + 3.0)  # fails (after a kill) if it hangs
         elapsed = time.monotonic() - began
-    finally:
-        for sock in socks:
-            sock.close()
     assert status == 0
     assert elapsed < STOP_LIMIT, f"{elapsed:.2f} s to close {len(socks)} clients and stop"
     assert len(log_lines(process.log, "desconectado")) == SPEC_CAPACITY
@@ -1086,14 +1087,9 @@ def test_stopping_answers_requests_still_on_their_way(
                     sock.sendall(piece)
                     handed += len(piece)
 
-        def held_back() -> int:
-            """Bytes our kernel holds that the server has not received (SIOCOUTQ)."""
-            raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
-            return int(struct.unpack("i", raw)[0])
-
         writer = threading.Thread(target=sender, daemon=True)
         writer.start()
-        wait_until(lambda: _stuck(sock) and held_back() > 2 * len(piece),
+        wait_until(lambda: _stuck(sock) and _queued(sock, termios.TIOCOUTQ) > 2 * len(piece),
                    what="the buffers full both ways")
         owed = handed  # at least a piece of it is among the bytes held back
         stop_sending.set()
