@@ -119,11 +119,14 @@ class LogWriter(threading.Thread):
             if done:
                 batch.pop()
             lines = []
-            for created, text in batch:  # logging's asctime: local time, then milliseconds
+            for created, text in batch:  # logging's default %(asctime)s, its date once a second
                 if int(created) != second:
                     second = int(created)
-                    date_and_time = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-                lines.append(f"{date_and_time},{int(created % 1 * 1000):03d} {text}\n")
+                    date_and_time = time.strftime(logging.Formatter.default_time_format,
+                                                  logging.Formatter.converter(second))
+                asctime = logging.Formatter.default_msec_format % (date_and_time,
+                                                                    created % 1 * 1000)
+                lines.append(f"{asctime} {text}\n")
             with contextlib.suppress(OSError, ValueError):  # stderr broken or closed: drop
                 stream.write("".join(lines))
                 stream.flush()
