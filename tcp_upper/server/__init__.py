@@ -27,8 +27,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from .protocol import HOLD_BACK_SECONDS, UpperProtocol
-from .system import format_address, listen_address
+from ..protocol import HOLD_BACK_SECONDS, UpperProtocol
+from ..system import format_address, listen_address
 
 log = logging.getLogger(__name__)
 
@@ -475,16 +475,3 @@ def bind_error_message(exc: OSError, host: str, port: int) -> str:
         return (f"No se puede escuchar en {where}: la dirección {host!r} no es de esta máquina "
                 "o no se resuelve; pruebe --host localhost")
     return f"No se puede escuchar en {where}: {exc.strerror or exc}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m tcp_upper.server``; see ``tcp_upper.cli``."""
-    from .cli import server_main
-
-    return server_main(argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

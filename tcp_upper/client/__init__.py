@@ -17,9 +17,9 @@ import sys
 import time
 from types import TracebackType
 
-from .errors import UpperClientError
-from .protocol import is_command
-from .system import format_address
+from ..errors import UpperClientError
+from ..protocol import is_command
+from ..system import format_address
 
 COMMAND = "DESCONEXION"
 PROMPT = "Cliente envía: "
@@ -203,14 +203,3 @@ def _converse(host: str, port: int, timeout: float, interactive: bool) -> int:
         client.close()
     print(CLOSED_LINE, flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m tcp_upper.client``; see ``tcp_upper.cli``."""
-    from .cli import client_main
-
-    return client_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
