@@ -33,7 +33,8 @@ from conftest import (
     wait_until,
 )
 
-from tcp_upper import cli
+from tcp_upper import logs
+from tcp_upper.logs import background_logging
 from tcp_upper.config import Settings
 
 TIMESTAMPED = re.compile(
@@ -480,15 +481,15 @@ def test_log_lines_past_the_bound_are_dropped_then_counted(monkeypatch: pytest.M
     # dropped (memory stays bounded) and one last line says how many.
     stream = _GatedStream()
     monkeypatch.setattr(sys, "stderr", stream)
-    monkeypatch.setattr(cli, "LOG_QUEUE_LINES", 3)
+    monkeypatch.setattr(logs, "LOG_QUEUE_LINES", 3)
     log = logging.getLogger("tcp_upper.test")
-    with cli.background_logging("INFO") as writer:
+    with background_logging("INFO", exit_seconds=DEADLINE) as writer:
         log.info("primera")
         assert stream.writing.wait(DEADLINE)  # the writer holds it, stuck in write()
         for number in range(5):
             log.info("línea %d", number)
         stream.gate.set()
-    assert not writer.is_alive()
+    assert writer.written
     lines = [line.split(" ", 2)[2] for line in stream.getvalue().splitlines()]
     assert lines == ["INFO primera", "INFO línea 0", "INFO línea 1", "INFO línea 2",
                      "WARNING 2 líneas del registro se descartaron: se escribían más despacio "
@@ -501,10 +502,10 @@ def test_log_lines_are_all_written_at_exit_when_none_was_dropped(
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     log = logging.getLogger("tcp_upper.test")
-    with cli.background_logging("INFO") as writer:
+    with background_logging("INFO", exit_seconds=DEADLINE) as writer:
         for number in range(2000):
             log.info("línea %d", number)
-    assert not writer.is_alive()
+    assert writer.written
     lines = stream.getvalue().splitlines()
     assert [line.split(" ", 3)[3] for line in lines] == [f"línea {n}" for n in range(2000)]
     assert all(TIMESTAMPED.match(line) for line in lines)
