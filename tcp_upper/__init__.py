@@ -1,11 +1,15 @@
 """tcp_upper: a TCP service that answers every message in upper case.
 
-The package is layered so that each module has one job:
+The package is layered; a module imports only from its own layer or the ones above it::
 
-- ``protocol``: the wire rules as pure logic (bytes in, bytes out); no sockets.
-- ``server``: a threaded ``socketserver`` that moves bytes between sockets and the protocol.
-- ``client``: ``UpperClient`` and the interactive program.
-- ``config``: one settings object for both programs (flag > environment > env file > default).
+    library        errors, system, plural, config         exceptions, OS plumbing, settings
+                   protocol                               the wire rules: bytes in, bytes out
+                   server/   client/                      sockets and threads around protocol
+    wiring         logs → serving → workers → cli         log thread, signals, processes, argv
+    tools          bench, cluster                         measure, run behind HAProxy
+
+``server`` and ``client`` are packages whose ``__main__`` calls ``cli``: that way
+``python -m tcp_upper.server`` works while the library never imports the wiring.
 """
 
 __version__ = "1.0.0"

@@ -161,7 +161,8 @@ def test_port_in_use_exits_1_with_one_line(spawn_server):
 # --- signals -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_stops_in_order_and_the_port_is_reusable(signum, spawn_server):
     process = spawn_server("--log-level", "DEBUG")
     port = process.port
@@ -200,6 +201,7 @@ def test_signal_stops_in_order_and_the_port_is_reusable(signum, spawn_server):
             sock.close()
     assert "Traceback" not in process.log
     assert count(process, r"desconectado") == len(clients)
+    assert count(process, rf"Señal {signal.Signals(signum).name}: parando; 53 clientes") == 1
 
     again = spawn_server("--port", str(port))
     assert again.port == port

@@ -17,6 +17,7 @@ import sys
 import time
 from types import TracebackType
 
+from ..config import Settings
 from ..errors import UpperClientError
 from ..protocol import is_command
 from ..system import format_address
@@ -38,7 +39,8 @@ class UpperClient:
     *timeout* bounds connecting, each reply and the wait for the server's close, in seconds.
     """
 
-    def __init__(self, host: str = "localhost", port: int = 5000, timeout: float = 10.0) -> None:
+    def __init__(self, host: str = Settings.host, port: int = Settings.port,
+                 timeout: float = Settings.timeout) -> None:
         self.host, self.port, self.timeout = host, port, timeout
         self._where = format_address((host, port))
         self._buffer = b""
