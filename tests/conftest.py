@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +24,10 @@ from tcp_upper.server import UpperServer, install_wake_handler, make_server
 DEADLINE = 10.0
 
 LISTENING = re.compile(r"escuchando en (\[[^\]]+\]|[^\s:]+):(\d+)")
+
+#: The promise: exit 0 within 2 s of SIGINT/SIGTERM/SIGHUP; asserted for a few clients, with
+#: 0.5 s of slack for a loaded CI machine (thousands of clients: tests/test_stress.py reports).
+STOP_LIMIT = 2.5
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
@@ -51,6 +57,18 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = DEADLINE) -> so
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def peer_name(sock: socket.socket) -> str:
+    """How the server's log names this client: its ``host:port`` (``[host]:port`` for IPv6)."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def reset(sock: socket.socket) -> None:
+    """Close abruptly: SO_LINGER (on, 0 s) makes the kernel send RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -107,6 +125,13 @@ def start_server() -> Iterator[Callable[..., ThreadedServer]]:
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """caplog at INFO for the ``tcp_upper`` loggers; records come from the server's threads."""
+    caplog.set_level(logging.INFO, logger="tcp_upper")
+    return caplog
 
 
 @pytest.fixture

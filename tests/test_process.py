@@ -26,30 +26,22 @@ import pytest
 from conftest import (
     DEADLINE,
     LISTENING,
+    STOP_LIMIT,
     ServerProcess,
     connect,
+    peer_name,
     recv_exactly,
     recv_until_closed,
     wait_until,
 )
 
 from tcp_upper import logs
-from tcp_upper.logs import background_logging
 from tcp_upper.config import Settings
+from tcp_upper.logs import background_logging
 
 TIMESTAMPED = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S"
 )
-
-#: SPEC: exit within 2 s of SIGINT/SIGTERM. Asserted with 0.5 s of slack for a loaded CI machine.
-STOP_LIMIT = 2.5
-
-
-def peer(sock: socket.socket) -> str:
-    """How the server's log names this client: its ``host:port`` as the server sees it."""
-    host, port = sock.getsockname()[:2]
-    return f"{host}:{port}"
-
 
 def lines_about(process: ServerProcess, sock_peer: str, pattern: str) -> list[str]:
     regex = re.compile(rf"Cliente {re.escape(sock_peer)}\b.*{pattern}")
@@ -177,8 +169,8 @@ def test_signal_stops_in_order_and_the_port_is_reusable(signum, spawn_server):
         payload = b"x" * 32768 + b"\n"
         pending.sendall(payload)
         held.sendall(b"des")
-        wait_until(lambda: bytes_received(process, peer(pending)) == len(payload)
-                   and bytes_received(process, peer(held)) == 3, what="the server read it all")
+        wait_until(lambda: bytes_received(process, peer_name(pending)) == len(payload)
+                   and bytes_received(process, peer_name(held)) == 3, what="the server read it all")
         late.sendall(b"hola\n")
 
         started = time.monotonic()
@@ -299,7 +291,7 @@ def test_debug_shows_traffic(spawn_server):
     with connect(process.port) as sock:
         sock.sendall(b"hola\n")
         assert recv_exactly(sock, 5) == b"HOLA\n"
-        me = peer(sock)
+        me = peer_name(sock)
         wait_until(lambda: lines_about(process, me, r"\b5 (bytes )?enviados"),
                    what="a DEBUG line for the 5 bytes sent")
         assert lines_about(process, me, r"\b5 bytes recibidos")
@@ -310,7 +302,7 @@ def test_debug_shows_traffic(spawn_server):
 def test_info_one_connect_and_one_disconnect_line_per_client(spawn_server):
     process = spawn_server()  # INFO is the default
     command, eof, reset = connect(process.port), connect(process.port), connect(process.port)
-    peers = {name: peer(sock) for name, sock in
+    peers = {name: peer_name(sock) for name, sock in
              (("command", command), ("eof", eof), ("reset", reset))}
     try:
         for sock in (command, eof, reset):
@@ -343,7 +335,7 @@ def test_idle_timeout_is_logged_as_the_reason(spawn_server):
     with connect(process.port) as sock:
         sock.sendall(b"hola\n")
         assert recv_exactly(sock, 5) == b"HOLA\n"
-        me = peer(sock)
+        me = peer_name(sock)
         assert recv_until_closed(sock) == b""  # closed by the server after 0.2 s of silence
     wait_until(lambda: lines_about(process, me, "desconectado"), what="the disconnect line")
     [line] = lines_about(process, me, "desconectado")
