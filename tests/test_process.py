@@ -1,4 +1,4 @@
-"""The server process (SPEC section 4): its log, a port in use, signals, log levels and limits.
+"""The server process (docs/PROTOCOL.md §4): its log, a port in use, signals, log levels and limits.
 
 Every server here is ``python -m tcp_upper.server`` started by the ``spawn_server`` fixture (an
 empty temporary directory, TCP_UPPER_* variables removed, 127.0.0.1, port 0 unless given) and

@@ -1,4 +1,4 @@
-"""SPEC section 1 end to end: a real server on a loopback socket, port chosen by the kernel.
+"""docs/PROTOCOL.md §1 end to end: a real server on a loopback socket, port chosen by the kernel.
 
 Every read is bounded by the client socket's timeout (conftest.DEADLINE); replies are read by
 exact length because TCP has no message boundaries. Waits are on data or on a condition, never
@@ -87,7 +87,7 @@ def disconnect_records(caplog: pytest.LogCaptureFixture, peer: str) -> list[str]
             if r.name == LOGGER and f"{peer} desconectado" in r.getMessage()]
 
 
-# --- SPEC section 1, row by row ------------------------------------------------------------------
+# --- PROTOCOL.md §1, row by row ------------------------------------------------------------
 
 ROWS = {
     "LF line": (b"hola servidor\n", b"HOLA SERVIDOR\n"),
@@ -482,7 +482,7 @@ def _full_pipe() -> tuple[int, int, int]:
 @pytest.mark.skipif(not os.path.exists("/proc/self/wchan"), reason="needs Linux /proc/PID/wchan")
 def test_sigterm_while_the_listening_line_is_being_written_still_stops_the_server(
         tmp_path: Path) -> None:
-    # SPEC section 4: SIGTERM -> exit 0 within 2 s. Make it deterministic: stderr is a full
+    # PROTOCOL.md §4: SIGTERM -> exit 0 within 2 s. Make it deterministic: stderr is a full
     # pipe, so the server blocks inside the write of its listening line; signal it there.
     read_end, write_end, filled = _full_pipe()
     proc = subprocess.Popen(
@@ -508,7 +508,7 @@ def test_sigterm_while_the_listening_line_is_being_written_still_stops_the_serve
         proc.send_signal(signal.SIGTERM)
         reader, errors = in_thread(drain)
         try:
-            code = proc.wait(3.0)  # SPEC: within 2 s
+            code = proc.wait(3.0)  # PROTOCOL.md §4: within 2 s
         except subprocess.TimeoutExpired:
             code = None
         assert code == 0, f"no exit after SIGTERM; stderr: {output[filled:].decode()!r}"
