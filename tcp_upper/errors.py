@@ -4,7 +4,7 @@
 
     TcpUpperError
      ├── SettingsError          a setting has a bad value, or --env-file is missing (exit 2)
-     ├── ServerStartError       the server cannot listen, e.g. the port is in use (exit 1)
+     ├── ServerStartError       make_server cannot listen, e.g. the port is in use (exit 1)
      └── UpperClientError       the client cannot reach, or lost, the server (exit 1);
                                 also a ConnectionError, so ``except ConnectionError`` works
 

@@ -394,6 +394,21 @@ def test_max_clients_from_the_command_line(spawn_server):
     stop(process)
 
 
+def test_log_lines_count_one_client_in_the_singular(spawn_server):
+    process = spawn_server("--max-clients", "1")
+    assert count(process, r"escuchando en \S+ \(máximo 1 cliente\)$") == 1
+    with connect(process.port) as first:
+        first.sendall(b"uno\n")
+        assert recv_exactly(first, 4) == b"UNO\n"
+        assert count(process, r"conectado \(1 activo\)$") == 1
+        with connect(process.port) as second:
+            assert recv_until_closed(second) == (
+                "ERROR servidor lleno (1 cliente); inténtelo más tarde\n".encode())
+        process.wait_for_log(r"Servidor lleno \(1 cliente\): rechazado")
+        stop(process)
+    assert count(process, r"Señal SIGTERM: parando; 1 cliente conectado$") == 1
+
+
 def test_open_file_soft_limit_is_raised(spawn_server):
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = 1024

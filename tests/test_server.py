@@ -36,8 +36,9 @@ from conftest import (
     wait_until,
 )
 
+from tcp_upper.errors import ServerStartError
 from tcp_upper.protocol import HOLD_BACK_SECONDS
-from tcp_upper.server import Reason
+from tcp_upper.server import Reason, make_server
 
 LOGGER = "tcp_upper.server"
 NFD_COMMAND = unicodedata.normalize("NFD", "DESCONEXIÓN")
@@ -381,6 +382,18 @@ def test_a_client_that_stops_reading_is_closed_after_the_write_timeout(
         f"Cliente {peer} desconectado: {Reason.STALLED.format(seconds=0.3)}"]
     with connect(running.port) as other:
         exchange(other, b"hola\n", b"HOLA\n")
+
+
+def test_make_server_on_a_port_in_use_raises_one_clear_error() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(ServerStartError) as raised:
+            make_server("127.0.0.1", port)
+    assert isinstance(raised.value, OSError)  # callers catching OSError still do
+    assert f"El puerto {port} ya está en uso" in str(raised.value)
+    assert "--port" in str(raised.value)
 
 
 # --- the server process --------------------------------------------------------------------------

@@ -84,8 +84,8 @@ def stop_server(server: UpperServer, began: float) -> None:
     server.shutdown()
     unfinished = server.close_clients(began + CLIENTS_DONE - time.monotonic())
     if unfinished:
-        log.warning("%s a tiempo; se cierran",
-                    plural(unfinished, "cliente no terminó", "clientes no terminaron"))
+        log.warning("%s", plural(unfinished, "cliente no terminó a tiempo; se cierra",
+                                 "clientes no terminaron a tiempo; se cierran"))
     server.server_close()
     log.info("Servidor parado")
 
