@@ -81,6 +81,7 @@ class LogWriter(QueueListener):
         super().__init__(entries)
         self.entries, self.stream = entries, stream
         self._lines: list[str] = []
+        self._second, self._date = -1, ""  # the date and time of the last whole second seen
         #: When the stop began (time.monotonic()); set by serving.serve, None until then.
         self.stop_began: float | None = None
         #: Whether every line was written at the end of background_logging().
@@ -92,7 +93,11 @@ class LogWriter(QueueListener):
             record.set()
             return
         created, text = record
-        self._lines.append(f"{_asctime(created)} {text}\n")
+        if int(created) != self._second:  # in a storm, thousands of lines share one second
+            self._second, self._date = int(created), time.strftime(
+                logging.Formatter.default_time_format, logging.Formatter.converter(created))
+        # logging.Formatter's default %(asctime)s: 2024-05-01 12:00:00,123
+        self._lines.append(f"{self._date},{int(created % 1 * 1000):03d} {text}\n")
         if self.entries.empty():
             self._write()
 
@@ -120,13 +125,6 @@ def exit_status(status: int, writer: LogWriter) -> int:
 def configure_logging(level: str) -> None:
     """One line per event on stderr, with a timestamp, written by the thread that logs."""
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
-
-
-def _asctime(created: float) -> str:
-    """``%(asctime)s`` as logging.Formatter writes it by default: ``2024-05-01 12:00:00,123``."""
-    formatter = logging.Formatter
-    date_and_time = time.strftime(formatter.default_time_format, formatter.converter(created))
-    return f"{date_and_time},{int(created % 1 * 1000):03d}"
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from .errors import ServerStartError
 from .logs import LogWriter, background_logging, exit_status
 from .plural import plural
 from .server import bind_error_message
-from .server.stop import LOG_DONE
+from .server.stop import LOG_DONE, LOG_FLUSH_SECONDS
 from .serving import STOP_SIGNALS, listen, serve
 from .system import format_address, listen_address
 
@@ -178,7 +178,7 @@ class _Supervisor:
                     log.error("Demasiados reinicios en %g s; el servidor se detiene",
                               RESTART_WINDOW)
                     return 1
-                log_writer.flush(READY_SECONDS)  # fork with our log thread idle, stderr free
+                log_writer.flush(LOG_FLUSH_SECONDS)  # fork with our log thread idle, stderr free
                 self.start()
 
     def close(self, began: float | None) -> None:
