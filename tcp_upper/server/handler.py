@@ -23,7 +23,7 @@ log = logging.getLogger("tcp_upper.server")
 
 #: After DESCONEXION (or an idle timeout) the server half-closes and discards what the client
 #: still sends for at most this long, so a client still writing sees end of stream, not a reset.
-DRAIN_SECONDS = 1.0
+ORDERLY_DRAIN_SECONDS = 1.0
 
 
 class Reason:
@@ -105,7 +105,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
                 if server.stopping:
                     break
                 if not holding:
-                    close_orderly(sock, DRAIN_SECONDS)
+                    close_orderly(sock, ORDERLY_DRAIN_SECONDS)
                     return Reason.IDLE.format(seconds=server.idle_timeout)
                 reply, close = protocol.settle()
             elif not data:
@@ -118,7 +118,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
             if reply:
                 sendall(reply)
             if close:
-                close_orderly(sock, DRAIN_SECONDS)
+                close_orderly(sock, ORDERLY_DRAIN_SECONDS)
                 return Reason.COMMAND
             if protocol.holding is not holding:
                 holding = protocol.holding

@@ -11,15 +11,16 @@ names the function that does it::
             b. every other: woken with WAKE_SIGNAL; its thread answers what the client still
                sends until it is silent ANSWER_QUIET_SECONDS (ANSWER_SECONDS at most), then
                half-closes and drains DRAIN_SECONDS                finish_serving
-               -> one client needs ANSWER_SECONDS + DRAIN_SECONDS = 0.8 s at most
+               -> a client is done within ANSWER_SECONDS + DRAIN_SECONDS = 0.8 s, unless it
+                  reads its replies too slowly for that: then step 3 gives up on it
     1.4  3. CLIENTS_DONE: connections still being served are left to the process exit; each
             gets its disconnect line saying so
     1.8  4. LOG_DONE: the last log lines are written (a stuck stderr is given up on); with
             --workers, the parent kills a worker still alive
     2.0  5. the interpreter exits: EXIT_SECONDS (0.2) are kept for it
 
-Why a signal rather than ``shutdown(SHUT_RD)`` for 2b, and the measurements behind each
-figure, are in docs/OPERATIONS.md.
+Why a signal rather than ``shutdown(SHUT_RD)`` for 2b, and the decisions behind the figures,
+are in docs/OPERATIONS.md ("Stop").
 """
 
 from __future__ import annotations
