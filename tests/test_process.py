@@ -394,6 +394,27 @@ def test_max_clients_from_the_command_line(spawn_server):
     stop(process)
 
 
+def loaded_modules(*imports: str) -> set[str]:
+    """The tcp_upper modules a fresh interpreter has loaded after *imports*."""
+    code = ("import sys\n" + "".join(f"import {name}\n" for name in imports)
+            + "print(' '.join(m for m in sys.modules if m.startswith('tcp_upper')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=DEADLINE, check=True).stdout
+    return set(out.split())
+
+
+def test_the_library_never_loads_the_process_wiring():
+    loaded = loaded_modules("tcp_upper.server", "tcp_upper.client", "tcp_upper.protocol")
+    assert not loaded & {"tcp_upper.cli", "tcp_upper.serving", "tcp_upper.logs",
+                         "tcp_upper.workers"}, loaded
+
+
+def test_the_client_entry_point_does_not_load_the_server():
+    loaded = loaded_modules("tcp_upper.cli", "tcp_upper.client.__main__")
+    assert "tcp_upper.client" in loaded
+    assert not {name for name in loaded if name.startswith("tcp_upper.server")}, loaded
+
+
 def test_log_lines_count_one_client_in_the_singular(spawn_server):
     process = spawn_server("--max-clients", "1")
     assert count(process, r"escuchando en \S+ \(máximo 1 cliente\)$") == 1
