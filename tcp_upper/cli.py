@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from . import __version__, config
+from .cli_es import SpanishArgumentParser
 from .errors import SettingsError
 from .server import (
     UpperServer,
@@ -62,9 +63,10 @@ SWITCH_INTERVAL_SECONDS = 0.2
 
 
 def build_parser(prog: str, description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
-    """An argument parser with ``--version``, ``--env-file`` and a flag per setting."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    """An argument parser in Spanish with ``--version``, ``--env-file`` and a flag per setting."""
+    parser = SpanishArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="muestra la versión del programa y termina")
     config.add_arguments(parser, names)
     return parser
 
@@ -73,7 +75,12 @@ def parse_settings(
     parser: argparse.ArgumentParser, names: tuple[str, ...], argv: list[str] | None
 ) -> config.Settings:
     """Parse *argv* and resolve settings; a bad one exits 2 with one line (argparse style)."""
-    args = parser.parse_args(argv)
+    return _load_settings(parser, parser.parse_args(argv), names)
+
+
+def _load_settings(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]
+) -> config.Settings:
     try:
         return config.load_settings(args, names)
     except SettingsError as exc:
@@ -303,16 +310,32 @@ def run_server(settings: config.Settings, log_writer: LogWriter) -> int:
 
 
 def client_main(argv: list[str] | None = None) -> int:
-    """``python -m tcp_upper.client``: see ``tcp_upper.client.run_session``."""
-    from .client import run_session
+    """``tcp-upper-client``: see ``tcp_upper.client.session.run_session``."""
+    from .client import client_ssl_context
+    from .client.session import run_session
 
     parser = build_parser(
         "tcp-upper-client",
         "Cliente del servidor de mayúsculas: envía cada línea que escriba y muestra la "
-        "respuesta; DESCONEXION (o Ctrl-D) termina.",
+        "respuesta; DESCONEXION (o Ctrl-D) termina. Con un MENSAJE, envía solo ese, muestra "
+        "solo la respuesta y termina.",
         config.CLIENT_SETTINGS,
     )
-    settings = parse_settings(parser, config.CLIENT_SETTINGS, argv)
+    parser.add_argument("words", nargs="*", metavar="MENSAJE",
+                        help="mensaje que enviar (las palabras se unen con un espacio)")
+    args = parser.parse_args(argv)
+    settings = _load_settings(parser, args, config.CLIENT_SETTINGS)
+    message = " ".join(args.words) if args.words else None
+    if message is not None and "\n" in message:
+        parser.error("el MENSAJE debe ser una sola línea")
+    context = None
+    if settings.use_tls:
+        try:
+            context = client_ssl_context(settings.cafile, settings.tls_insecure)
+        except OSError as exc:  # ssl.SSLError too: the file is not PEM
+            reason = getattr(exc, "reason", None) or exc.strerror or exc
+            parser.exit(2, f"{parser.prog}: error: no se puede cargar la CA de --cafile "
+                           f"{settings.cafile!r}: {reason}\n")
     configure_logging(settings.log_level)
-    return run_session(settings.host, settings.port, settings.timeout)
-
+    return run_session(settings.host, settings.port, settings.timeout, prog=parser.prog,
+                       message=message, ssl_context=context)
