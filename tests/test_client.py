@@ -96,10 +96,11 @@ def spawn_client(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
     """Factory: the client on a real pseudo-terminal; every child is killed at teardown."""
     children: list[pexpect.spawn] = []
 
-    def spawn(port: int, *args: str) -> pexpect.spawn:
+    def spawn(port: int, *args: str, columns: int = 80) -> pexpect.spawn:
         child = pexpect.spawn(
             sys.executable, ["-m", "tcp_upper.client", "--port", str(port), *args],
             cwd=str(tmp_path), env=clean_env(), encoding="utf-8", timeout=DEADLINE,
+            dimensions=(24, columns),
         )
         children.append(child)
         return child
@@ -343,24 +344,102 @@ def test_server_full(start_server, tmp_path):
         assert recv_exactly(holder, 5) == b"SIGO\n"
 
 
-def test_server_gone_mid_session(spawn_server, spawn_client):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_server_gone_while_at_the_prompt(stop, spawn_server, tmp_path):
+    # Nothing is typed after the server goes: the client notices by itself, says so in one line
+    # and exits 1; readline has put the terminal back (stty, run after it, shows icanon echo).
     proc = spawn_server()
-    child = spawn_client(proc.port, "--host", "127.0.0.1")
-    child.expect_exact(PROMPT)
-    child.sendline("uno")
-    child.expect_exact("Servidor responde: UNO")
-    child.expect_exact(PROMPT)
-    proc.signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    child.sendline("dos")
-    child.expect_exact("dos")  # the terminal's echo of what was typed
-    status, output = finish(child)
+    child = pexpect.spawn(
+        "sh", ["-c", '"$@"; echo "estado $?"; stty -a', "sh", sys.executable, "-m",
+               "tcp_upper.client", "--host", "127.0.0.1", "--port", str(proc.port)],
+        cwd=str(tmp_path), env=clean_env(), encoding="utf-8", timeout=DEADLINE,
+    )
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("uno")
+        child.expect_exact("Servidor responde: UNO")
+        child.expect_exact(PROMPT)
+        child.send("a medias")  # typed, not sent
+        child.expect_exact("a medias")
+        proc.signal(stop)
+        child.expect(r"estado (\d+)")
+        assert child.match.group(1) == "1"
+        lines = [line for line in child.before.splitlines() if line.strip()]
+        settings = child.read()
+    finally:
+        child.close(force=True)
+    assert lines == [f"tcp-upper-client: error: el servidor 127.0.0.1:{proc.port} "
+                     "cerró la conexión"], lines
+    assert re.search(r"(?<!-)icanon", settings) and re.search(r"(?<!-)\becho\b", settings)
+    assert "Traceback" not in settings
+
+
+def test_full_server_is_reported_at_the_prompt(start_server, spawn_client):
+    full = start_server(max_clients=1)
+    with connect(full.port) as holder:
+        holder.sendall(b"ocupado\n")
+        assert recv_exactly(holder, 8) == b"OCUPADO\n"
+        child = spawn_client(full.port, "--host", "127.0.0.1")
+        status, output = finish(child)  # nothing typed: the refusal is noticed when it arrives
     assert status == 1
-    lines = [line for line in output.splitlines() if line.strip()]
+    # The prompt may or may not have been shown by then.
+    lines = [line for line in output.splitlines() if line.strip() and line != PROMPT]
     assert len(lines) == 1, output
-    assert f"127.0.0.1:{proc.port}" in lines[0]
-    assert "Traceback" not in output
-    assert "Servidor responde" not in output
+    assert f"127.0.0.1:{full.port} rechazó la conexión: ERROR" in lines[0]
+
+
+# --- line editing at the terminal (readline) ---------------------------------------------------
+
+LEFT, UP = "\x1b[D", "\x1b[A"
+
+
+def test_arrows_edit_the_line_before_it_is_sent(server, server_log, spawn_client):
+    child = spawn_client(server.port)
+    child.expect_exact(PROMPT)
+    child.send(f"abc{LEFT}{LEFT}X\r")  # the cursor goes back two places: aXbc
+    child.expect_exact("Servidor responde: AXBC\r\n")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    assert finish(child)[0] == 0
+    wait_for_reasons(server_log, 1)
+    assert bytes_received(server_log) == len("aXbc\n") + len("DESCONEXION\n")
+
+
+def test_up_arrow_sends_the_last_message_again(server, spawn_client):
+    child = spawn_client(server.port)
+    child.expect_exact(PROMPT)
+    child.sendline("primero")
+    child.expect_exact("Servidor responde: PRIMERO\r\n")
+    child.expect_exact(PROMPT)
+    child.sendline("segundo")
+    child.expect_exact("Servidor responde: SEGUNDO\r\n")
+    child.expect_exact(PROMPT)
+    child.send(f"{UP}{UP}\r")
+    child.expect_exact("Servidor responde: PRIMERO\r\n")
+    child.expect_exact(PROMPT)
+    child.send(f"{UP}\r")
+    child.expect_exact("Servidor responde: PRIMERO\r\n")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    assert finish(child)[0] == 0
+
+
+def test_a_6000_character_line_at_the_terminal_arrives_whole(server, spawn_client):
+    # The terminal's canonical mode cuts lines at 4,095 bytes; readline reads past that. The
+    # line is typed in pieces, reading the echo of each, so neither side's pty buffer fills;
+    # the terminal is wide enough that the echo is not wrapped.
+    text = "".join(chr(ord("a") + i % 26) for i in range(6000))
+    child = spawn_client(server.port, columns=8000)
+    child.expect_exact(PROMPT)
+    for start in range(0, len(text), 500):
+        child.send(text[start:start + 500])
+        child.expect_exact(text[start + 450:start + 500])
+    child.send("\r")
+    child.expect(r"Servidor responde: ([A-Z]*)\r\n")
+    assert child.match.group(1) == text.upper()
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    assert finish(child)[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -407,7 +486,7 @@ def test_upper_client_close_is_idempotent_and_send_after_close_fails(server, ser
     assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
 
 
-@pytest.mark.parametrize("text", ["a\nb", "a\r\nb", "a\n", "\rb"])
+@pytest.mark.parametrize("text", ["a\nb", "a\r\nb", "a\n", "\n"])
 def test_upper_client_rejects_line_breaks(server, text):
     with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
         with pytest.raises(ValueError):
@@ -490,3 +569,29 @@ def test_upper_client_server_gone(spawn_server):
     assert f"127.0.0.1:{proc.port}" in str(caught.value)
     assert client.closed
     client.close()  # already closed: still fine
+
+
+@pytest.mark.parametrize(("text", "reply"), [
+    ("hola\rmundo", "HOLA\rMUNDO"),  # a bare CR is data
+    ("\rb", "\rB"),
+    ("fin\r", "FIN"),  # a CR at the end makes the line end in CRLF, and so does the reply
+    ("dos\r\r", "DOS\r"),
+])
+def test_upper_client_carriage_returns(server, server_log, text, reply):
+    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
+        assert client.send(text) == reply
+        assert client.send("sigue") == "SIGUE"
+    wait_for_reasons(server_log, 1)
+    assert bytes_received(server_log) == len(text) + 1 + len("sigue\n") + len("DESCONEXION\n")
+
+
+def test_upper_client_sends_and_receives_a_32_mib_line(spawn_server):
+    # The whole line does not fit in the two sides' socket buffers: the client must read the
+    # reply while it is still sending (a client that writes everything first deadlocks).
+    proc = spawn_server()
+    text = "abcdefghijklmnopqrstuvwxyzñ" * (32 * 1024 * 1024 // 28)
+    with UpperClient("127.0.0.1", proc.port, timeout=DEADLINE) as client:
+        reply = client.send(text)
+        assert len(reply) == len(text)
+        assert reply == text.upper()
+        assert client.send("sigue") == "SIGUE"

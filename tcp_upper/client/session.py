@@ -95,6 +95,10 @@ def enable_line_editing() -> bool:
     return True
 
 
+#: How often the close watcher repeats its signal until the main thread takes it.
+RESIGNAL_SECONDS = 0.1
+
+
 class _CloseWatcher:
     """Notices the server closing while the main thread waits for the user.
 
@@ -110,6 +114,7 @@ class _CloseWatcher:
         self._wake_read, self._wake_write = os.pipe()
         self._armed = False
         self._closed = threading.Event()
+        self._taken = threading.Event()
         self._main = threading.main_thread().ident
         self._thread = threading.Thread(target=self._watch, name="close-watcher", daemon=True)
         self._previous: object = None
@@ -139,17 +144,20 @@ class _CloseWatcher:
         poller = select.poll()
         poller.register(self._fileno, select.POLLRDHUP)  # POLLHUP and POLLERR come anyway
         poller.register(self._wake_read, select.POLLIN)
-        while True:
-            for fileno, _ in poller.poll():
-                if fileno == self._wake_read:
-                    return
-                self._closed.set()
+        while not any(fileno == self._wake_read for fileno, _ in poller.poll()):
+            self._closed.set()
+            poller.unregister(self._fileno)
+            # A signal that lands while readline is not yet in select() only runs its handler
+            # at the next key: send it again until the handler took it (or we are stopped).
+            while not self._taken.is_set():
                 if self._main is not None:
                     signal.pthread_kill(self._main, signal.SIGUSR1)
-                return
+                if poller.poll(RESIGNAL_SECONDS * 1000):
+                    break
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._armed:
+            self._taken.set()
             raise _ServerClosed
 
 
