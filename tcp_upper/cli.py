@@ -327,7 +327,7 @@ def client_main(argv: list[str] | None = None) -> int:
     settings = _load_settings(parser, args, config.CLIENT_SETTINGS)
     message = " ".join(args.words) if args.words else None
     if message is not None and "\n" in message:
-        parser.error("el MENSAJE debe ser una sola línea")
+        parser.exit(2, f"{parser.prog}: error: el MENSAJE debe ser una sola línea\n")
     context = None
     if settings.use_tls:
         try:
