@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -311,7 +312,6 @@ def run_server(settings: config.Settings, log_writer: LogWriter) -> int:
 
 def client_main(argv: list[str] | None = None) -> int:
     """``tcp-upper-client``: see ``tcp_upper.client.session.run_session``."""
-    from .client import client_ssl_context
     from .client.session import run_session
 
     parser = build_parser(
@@ -328,14 +328,24 @@ def client_main(argv: list[str] | None = None) -> int:
     message = " ".join(args.words) if args.words else None
     if message is not None and "\n" in message:
         parser.exit(2, f"{parser.prog}: error: el MENSAJE debe ser una sola línea\n")
-    context = None
-    if settings.use_tls:
-        try:
-            context = client_ssl_context(settings.cafile, settings.tls_insecure)
-        except OSError as exc:  # ssl.SSLError too: the file is not PEM
-            reason = getattr(exc, "reason", None) or exc.strerror or exc
-            parser.exit(2, f"{parser.prog}: error: no se puede cargar la CA de --cafile "
-                           f"{settings.cafile!r}: {reason}\n")
+    context = _client_ssl_context(parser, settings) if settings.use_tls else None
     configure_logging(settings.log_level)
     return run_session(settings.host, settings.port, settings.timeout, prog=parser.prog,
                        message=message, ssl_context=context)
+
+
+def _client_ssl_context(parser: argparse.ArgumentParser, settings: config.Settings,
+                        ) -> ssl.SSLContext:
+    """The client's TLS context; a --cafile that cannot be loaded exits 2 with one line."""
+    from .client import client_ssl_context
+
+    try:
+        return client_ssl_context(settings.cafile, settings.tls_insecure)
+    except OSError as exc:  # ssl.SSLError too: the file is not PEM
+        reason = ("no existe" if isinstance(exc, FileNotFoundError) else
+                  "es una carpeta" if isinstance(exc, IsADirectoryError) else
+                  "no tiene certificados en formato PEM" if isinstance(exc, ssl.SSLError) else
+                  (exc.strerror or str(exc)).lower())
+        parser.exit(2, f"{parser.prog}: error: no se puede cargar la CA de --cafile "
+                       f"{settings.cafile!r}: {reason}\n")
+        raise  # unreachable: parser.exit raises SystemExit
