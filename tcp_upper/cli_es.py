@@ -105,5 +105,7 @@ class SpanishArgumentParser(argparse.ArgumentParser):
             return super().format_help()
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("argument "):  # Python 3.9 formats this prefix without gettext
+            message = "argumento " + message[len("argument "):]
         with spanish():
             super().error(message)
