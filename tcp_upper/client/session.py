@@ -18,6 +18,7 @@ import signal
 import ssl
 import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType, TracebackType
 
 from ..errors import UpperClientError
@@ -133,9 +134,16 @@ class _CloseWatcher:
         if not self._closed.is_set():  # otherwise a signal may still be on its way: keep ours
             signal.signal(signal.SIGUSR1, self._previous)  # type: ignore[arg-type]
 
-    def prompt(self) -> _Armed:
+    @contextlib.contextmanager
+    def prompt(self) -> Iterator[None]:
         """A block during which the server's close raises :class:`_ServerClosed`."""
-        return _Armed(self)
+        self._armed = True
+        try:
+            if self._closed.is_set():  # it closed while we were busy: that signal did nothing
+                raise _ServerClosed
+            yield
+        finally:
+            self._armed = False
 
     def _watch(self) -> None:
         # Signals (Ctrl-C above all) must reach the main thread: one taken by this thread
@@ -159,20 +167,6 @@ class _CloseWatcher:
         if self._armed:
             self._taken.set()
             raise _ServerClosed
-
-
-class _Armed:
-    def __init__(self, watcher: _CloseWatcher) -> None:
-        self._watcher = watcher
-
-    def __enter__(self) -> None:
-        self._watcher._armed = True
-        if self._watcher._closed.is_set():  # it closed while we were busy: the signal was idle
-            raise _ServerClosed
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self._watcher._armed = False
 
 
 def _read_message(interactive: bool) -> str:
