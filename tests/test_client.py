@@ -92,10 +92,10 @@ def spawn_client(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
     """Factory: the client on a real pseudo-terminal; every child is killed at teardown."""
     children: list[pexpect.spawn] = []
 
-    def spawn(port: int, *args: str, columns: int = 80) -> pexpect.spawn:
+    def spawn(port: int, *args: str, columns: int = 80, **env: str) -> pexpect.spawn:
         child = pexpect.spawn(
             sys.executable, ["-m", "tcp_upper.client", "--port", str(port), *args],
-            cwd=str(tmp_path), env=clean_env(), encoding="utf-8", timeout=DEADLINE,
+            cwd=str(tmp_path), env=clean_env(**env), encoding="utf-8", timeout=DEADLINE,
             dimensions=(24, columns),
         )
         children.append(child)
@@ -418,6 +418,20 @@ def test_up_arrow_sends_the_last_message_again(server, spawn_client):
     child.expect_exact(PROMPT)
     child.sendeof()
     assert finish(child)[0] == 0
+
+
+def test_pasted_lines_are_one_message_each(server, spawn_client):
+    # A terminal that supports it wraps a paste in ESC[200~ ... ESC[201~; readline then keeps its
+    # line breaks inside the one line it returns.
+    child = spawn_client(server.port, TERM="xterm")
+    child.expect_exact(PROMPT)
+    child.send("\x1b[200~uno\ndos\r\ndesconexion\ntres\x1b[201~\r")
+    child.expect_exact("Servidor responde: UNO\r\n")
+    child.expect_exact("Servidor responde: DOS\r\n")
+    child.expect_exact("Conexión cerrada.")
+    status, output = finish(child)
+    assert status == 0
+    assert "TRES" not in output and "Traceback" not in output
 
 
 def test_a_6000_character_line_at_the_terminal_arrives_whole(server, spawn_client):

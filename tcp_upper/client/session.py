@@ -260,16 +260,18 @@ def _loop(client: UpperClient, interactive: bool, watcher: _CloseWatcher | None)
         try:
             if watcher is not None:
                 with watcher.prompt():
-                    message = _read_message(interactive)
+                    text = _read_message(interactive)
             else:
-                message = _read_message(interactive)
+                text = _read_message(interactive)
         except EOFError:
             if interactive:
                 _newline()
             return COMMAND
-        if not message.strip():
-            continue
-        if is_command(message):
-            return message
-        reply = client.send(message)
-        _show(REPLY_PREFIX, reply)
+        # Several lines pasted at once arrive as one (readline's bracketed paste keeps their
+        # line breaks): each is a message.
+        for message in text.split("\n"):
+            if not message.strip():
+                continue
+            if is_command(message):
+                return message
+            _show(REPLY_PREFIX, client.send(message))
