@@ -50,6 +50,8 @@ class _ServerClosed(Exception):
 
 def _show(*parts: str) -> None:
     """Write one line to standard output now; raise :class:`_OutputClosed` if it cannot."""
+    if sys.stdout is None:  # started with standard output closed (>&-)
+        raise _OutputClosed(OSError(errno.EBADF, "la salida estándar está cerrada"))
     try:
         for part in parts:  # no concatenation: a reply may be a 32 MiB line
             sys.stdout.write(part)
@@ -164,7 +166,7 @@ class _CloseWatcher:
                     break
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._armed:
+        if self._armed and self._closed.is_set():  # not a SIGUSR1 from someone else
             self._taken.set()
             raise _ServerClosed
 
@@ -173,7 +175,7 @@ def _read_message(interactive: bool) -> str:
     """One line from the user; raises EOFError at end of input."""
     if interactive:
         return input(PROMPT)
-    line = sys.stdin.readline()
+    line = sys.stdin.readline() if sys.stdin is not None else ""  # None: started with <&-
     if not line:
         raise EOFError
     message = line.rstrip("\r\n")
@@ -199,7 +201,7 @@ def run_session(host: str, port: int, timeout: float, *, prog: str = "tcp-upper-
                 if not client.closed:
                     _show(reply)
                 return 0
-            return _converse(client, sys.stdin.isatty())
+            return _converse(client, sys.stdin is not None and sys.stdin.isatty())
     except KeyboardInterrupt:  # the socket, if any, was closed on the way out
         _newline()
         return EXIT_INTERRUPTED
@@ -220,13 +222,14 @@ def _newline() -> None:
 
 def _output_closed(prog: str, cause: OSError) -> int:
     """Point stdout at /dev/null so that the exit's flush cannot fail again; the status."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    if sys.stdout is not None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     if cause.errno == errno.EPIPE:
         return EXIT_BROKEN_PIPE  # whoever reads stopped reading: nothing to say
     reason = ("no queda espacio" if cause.errno == errno.ENOSPC else
-              (cause.strerror or str(cause)).lower())
+              (cause.strerror or str(cause)).lower())  # EBADF's is ours, in Spanish
     _report(prog, f"no se puede escribir la salida: {reason}")
     return 1
 
