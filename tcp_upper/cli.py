@@ -82,6 +82,7 @@ def parse_settings(
 def _load_settings(
     parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]
 ) -> config.Settings:
+    """Resolve settings from parsed *args*; the client also reads its MENSAJE from them."""
     try:
         return config.load_settings(args, names)
     except SettingsError as exc:
