@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 
 from . import __version__, config
+from .cli_es import SpanishArgumentParser
 from .errors import SettingsError
 from .logs import background_logging, configure_logging, exit_status
 
 
 def build_parser(prog: str, description: str, names: tuple[str, ...]) -> argparse.ArgumentParser:
-    """An argument parser with ``--version``, ``--env-file`` and a flag per setting."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    """An argument parser in Spanish with ``--version``, ``--env-file`` and a flag per setting."""
+    parser = SpanishArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="muestra la versión del programa y termina")
     config.add_arguments(parser, names)
     return parser
 
@@ -28,7 +31,13 @@ def parse_settings(
     parser: argparse.ArgumentParser, names: tuple[str, ...], argv: list[str] | None
 ) -> config.Settings:
     """Parse *argv* and resolve settings; a bad one exits 2 with one line (argparse style)."""
-    args = parser.parse_args(argv)
+    return _load_settings(parser, parser.parse_args(argv), names)
+
+
+def _load_settings(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]
+) -> config.Settings:
+    """Resolve settings from parsed *args*; the client also reads its MENSAJE from them."""
     try:
         return config.load_settings(args, names)
     except SettingsError as exc:
@@ -62,15 +71,41 @@ def server_main(argv: list[str] | None = None) -> int:
 
 
 def client_main(argv: list[str] | None = None) -> int:
-    """``python -m tcp_upper.client``: see ``tcp_upper.client.run_session``."""
-    from .client import run_session
+    """``tcp-upper-client``: see ``tcp_upper.client.session.run_session``."""
+    from .client.session import run_session
 
     parser = build_parser(
         "tcp-upper-client",
         "Cliente del servidor de mayúsculas: envía cada línea que escriba y muestra la "
-        "respuesta; DESCONEXION (o Ctrl-D) termina.",
+        "respuesta; DESCONEXION (o Ctrl-D) termina. Con un MENSAJE, envía solo ese, muestra "
+        "solo la respuesta y termina.",
         config.CLIENT_SETTINGS,
     )
-    settings = parse_settings(parser, config.CLIENT_SETTINGS, argv)
+    parser.add_argument("words", nargs="*", metavar="MENSAJE",
+                        help="mensaje que enviar (las palabras se unen con un espacio)")
+    args = parser.parse_args(argv)
+    settings = _load_settings(parser, args, config.CLIENT_SETTINGS)
+    message = " ".join(args.words) if args.words else None
+    if message is not None and "\n" in message:
+        parser.exit(2, f"{parser.prog}: error: el MENSAJE debe ser una sola línea\n")
+    context = _client_ssl_context(parser, settings) if settings.use_tls else None
     configure_logging(settings.log_level)
-    return run_session(settings.host, settings.port, settings.timeout)
+    return run_session(settings.host, settings.port, settings.timeout, prog=parser.prog,
+                       message=message, ssl_context=context)
+
+
+def _client_ssl_context(parser: argparse.ArgumentParser, settings: config.Settings,
+                        ) -> ssl.SSLContext:
+    """The client's TLS context; a --cafile that cannot be loaded exits 2 with one line."""
+    from .client import client_ssl_context
+
+    try:
+        return client_ssl_context(settings.cafile, settings.tls_insecure)
+    except OSError as exc:  # ssl.SSLError too: the file is not PEM
+        reason = ("no existe" if isinstance(exc, FileNotFoundError) else
+                  "es una carpeta" if isinstance(exc, IsADirectoryError) else
+                  "no tiene certificados en formato PEM" if isinstance(exc, ssl.SSLError) else
+                  (exc.strerror or str(exc)).lower())
+        parser.exit(2, f"{parser.prog}: error: no se puede cargar la CA de --cafile "
+                       f"{settings.cafile!r}: {reason}\n")
+        raise  # unreachable: parser.exit raises SystemExit

@@ -1,4 +1,4 @@
-"""The client (SPEC section 2): the piped and interactive program, its failures, and UpperClient.
+"""The client program (SPEC section 2): piped and at a terminal, line editing, its failures.
 
 The program runs as a real subprocess (``python -m tcp_upper.client``) in an empty directory with
 TCP_UPPER_* variables removed; the interactive cases go through a real pseudo-terminal (pexpect).
@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
@@ -23,9 +22,6 @@ from typing import Callable
 import pexpect
 import pytest
 from conftest import DEADLINE, clean_env, connect, recv_exactly, wait_until
-
-from tcp_upper.client import UpperClient
-from tcp_upper.errors import UpperClientError
 
 TRANSCRIPT = (
     "Cliente envía: hola servidor\n"
@@ -96,10 +92,11 @@ def spawn_client(tmp_path: Path) -> Iterator[Callable[..., pexpect.spawn]]:
     """Factory: the client on a real pseudo-terminal; every child is killed at teardown."""
     children: list[pexpect.spawn] = []
 
-    def spawn(port: int, *args: str) -> pexpect.spawn:
+    def spawn(port: int, *args: str, columns: int = 80, **env: str) -> pexpect.spawn:
         child = pexpect.spawn(
             sys.executable, ["-m", "tcp_upper.client", "--port", str(port), *args],
-            cwd=str(tmp_path), env=clean_env(), encoding="utf-8", timeout=DEADLINE,
+            cwd=str(tmp_path), env=clean_env(**env), encoding="utf-8", timeout=DEADLINE,
+            dimensions=(24, columns),
         )
         children.append(child)
         return child
@@ -343,24 +340,116 @@ def test_server_full(start_server, tmp_path):
         assert recv_exactly(holder, 5) == b"SIGO\n"
 
 
-def test_server_gone_mid_session(spawn_server, spawn_client):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_server_gone_while_at_the_prompt(stop, spawn_server, tmp_path):
+    # Nothing is typed after the server goes: the client notices by itself, says so in one line
+    # and exits 1; readline has put the terminal back (stty, run after it, shows icanon echo).
     proc = spawn_server()
-    child = spawn_client(proc.port, "--host", "127.0.0.1")
-    child.expect_exact(PROMPT)
-    child.sendline("uno")
-    child.expect_exact("Servidor responde: UNO")
-    child.expect_exact(PROMPT)
-    proc.signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    child.sendline("dos")
-    child.expect_exact("dos")  # the terminal's echo of what was typed
-    status, output = finish(child)
+    child = pexpect.spawn(
+        "sh", ["-c", '"$@"; echo "estado $?"; stty -a', "sh", sys.executable, "-m",
+               "tcp_upper.client", "--host", "127.0.0.1", "--port", str(proc.port)],
+        cwd=str(tmp_path), env=clean_env(), encoding="utf-8", timeout=DEADLINE,
+    )
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("uno")
+        child.expect_exact("Servidor responde: UNO")
+        child.expect_exact(PROMPT)
+        child.send("a medias")  # typed, not sent
+        child.expect_exact("a medias")
+        proc.signal(stop)
+        child.expect(r"estado (\d+)")
+        assert child.match.group(1) == "1"
+        lines = [line for line in child.before.splitlines() if line.strip()]
+        settings = child.read()
+    finally:
+        child.close(force=True)
+    assert lines == [f"tcp-upper-client: error: el servidor 127.0.0.1:{proc.port} "
+                     "cerró la conexión"], lines
+    assert re.search(r"(?<!-)icanon", settings) and re.search(r"(?<!-)\becho\b", settings)
+    assert "Traceback" not in settings
+
+
+def test_full_server_is_reported_at_the_prompt(start_server, spawn_client):
+    full = start_server(max_clients=1)
+    with connect(full.port) as holder:
+        holder.sendall(b"ocupado\n")
+        assert recv_exactly(holder, 8) == b"OCUPADO\n"
+        child = spawn_client(full.port, "--host", "127.0.0.1")
+        status, output = finish(child)  # nothing typed: the refusal is noticed when it arrives
     assert status == 1
-    lines = [line for line in output.splitlines() if line.strip()]
+    # The prompt may or may not have been shown by then.
+    lines = [line for line in output.splitlines() if line.strip() and line != PROMPT]
     assert len(lines) == 1, output
-    assert f"127.0.0.1:{proc.port}" in lines[0]
-    assert "Traceback" not in output
-    assert "Servidor responde" not in output
+    assert f"127.0.0.1:{full.port} rechazó la conexión: ERROR" in lines[0]
+
+
+# --- line editing at the terminal (readline) ---------------------------------------------------
+
+LEFT, UP = "\x1b[D", "\x1b[A"
+
+
+def test_arrows_edit_the_line_before_it_is_sent(server, server_log, spawn_client):
+    child = spawn_client(server.port)
+    child.expect_exact(PROMPT)
+    child.send(f"abc{LEFT}{LEFT}X\r")  # the cursor goes back two places: aXbc
+    child.expect_exact("Servidor responde: AXBC\r\n")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    assert finish(child)[0] == 0
+    wait_for_reasons(server_log, 1)
+    assert bytes_received(server_log) == len("aXbc\n") + len("DESCONEXION\n")
+
+
+def test_up_arrow_sends_the_last_message_again(server, spawn_client):
+    child = spawn_client(server.port)
+    child.expect_exact(PROMPT)
+    child.sendline("primero")
+    child.expect_exact("Servidor responde: PRIMERO\r\n")
+    child.expect_exact(PROMPT)
+    child.sendline("segundo")
+    child.expect_exact("Servidor responde: SEGUNDO\r\n")
+    child.expect_exact(PROMPT)
+    child.send(f"{UP}{UP}\r")
+    child.expect_exact("Servidor responde: PRIMERO\r\n")
+    child.expect_exact(PROMPT)
+    child.send(f"{UP}\r")
+    child.expect_exact("Servidor responde: PRIMERO\r\n")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    assert finish(child)[0] == 0
+
+
+def test_pasted_lines_are_one_message_each(server, spawn_client):
+    # A terminal that supports it wraps a paste in ESC[200~ ... ESC[201~; readline then keeps its
+    # line breaks inside the one line it returns.
+    child = spawn_client(server.port, TERM="xterm")
+    child.expect_exact(PROMPT)
+    child.send("\x1b[200~uno\ndos\r\ndesconexion\ntres\x1b[201~\r")
+    child.expect_exact("Servidor responde: UNO\r\n")
+    child.expect_exact("Servidor responde: DOS\r\n")
+    child.expect_exact("Conexión cerrada.")
+    status, output = finish(child)
+    assert status == 0
+    assert "TRES" not in output and "Traceback" not in output
+
+
+def test_a_6000_character_line_at_the_terminal_arrives_whole(server, spawn_client):
+    # The terminal's canonical mode cuts lines at 4,095 bytes; readline reads past that. The
+    # line is typed in pieces, reading the echo of each, so neither side's pty buffer fills;
+    # the terminal is wide enough that the echo is not wrapped.
+    text = "".join(chr(ord("a") + i % 26) for i in range(6000))
+    child = spawn_client(server.port, columns=8000)
+    child.expect_exact(PROMPT)
+    for start in range(0, len(text), 500):
+        child.send(text[start:start + 500])
+        child.expect_exact(text[start + 450:start + 500])
+    child.send("\r")
+    child.expect(r"Servidor responde: ([A-Z]*)\r\n")
+    assert child.match.group(1) == text.upper()
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    assert finish(child)[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -382,111 +471,3 @@ def test_bad_client_settings_exit_2(args, env, named, tmp_path):
     for word in named:
         assert word in lines[0]
     assert result.stdout == ""
-
-
-# --- UpperClient -------------------------------------------------------------------------------
-
-
-def test_upper_client_round_trip_and_close_on_exit(server, server_log):
-    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
-        assert client.send("hola servidor") == "HOLA SERVIDOR"
-        assert client.send("ñandú") == "ÑANDÚ"
-        assert client.send("") == ""
-        assert not client.closed
-    assert client.closed
-    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
-
-
-def test_upper_client_close_is_idempotent_and_send_after_close_fails(server, server_log):
-    client = UpperClient("127.0.0.1", server.port, timeout=DEADLINE)
-    client.close()
-    client.close()
-    assert client.closed
-    with pytest.raises(UpperClientError):
-        client.send("hola")
-    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
-
-
-@pytest.mark.parametrize("text", ["a\nb", "a\r\nb", "a\n", "\rb"])
-def test_upper_client_rejects_line_breaks(server, text):
-    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
-        with pytest.raises(ValueError):
-            client.send(text)
-        assert client.send("sigue") == "SIGUE"  # nothing was sent; the connection is intact
-
-
-@pytest.mark.parametrize("command", ["DESCONEXION", "  desconexion\t", "Desconexión"])
-def test_upper_client_send_command_closes(server, server_log, command):
-    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
-        assert client.send(command) == ""
-        assert client.closed
-        with pytest.raises(UpperClientError):
-            client.send("hola")
-    assert wait_for_reasons(server_log, 1) == ["DESCONEXION"]
-
-
-def test_upper_client_connection_refused():
-    port = closed_port()
-    with pytest.raises(UpperClientError) as caught:
-        UpperClient("127.0.0.1", port, timeout=DEADLINE)
-    assert isinstance(caught.value, ConnectionError)
-    assert f"127.0.0.1:{port}" in str(caught.value)
-    assert "\n" not in str(caught.value)
-
-
-def test_upper_client_reply_timeout():
-    # A listening socket that is never accepted from: the kernel completes the handshake,
-    # nobody ever answers.
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        port = silent.getsockname()[1]
-        client = UpperClient("127.0.0.1", port, timeout=0.3)
-        started = time.monotonic()
-        with pytest.raises(UpperClientError) as caught:
-            client.send("x")
-        elapsed = time.monotonic() - started
-    assert 0.25 <= elapsed < 3.0
-    message = str(caught.value)
-    assert "0.3" in message
-    assert f"127.0.0.1:{port}" in message
-    assert client.closed
-
-
-def test_upper_client_server_full(start_server):
-    full = start_server(max_clients=1)
-    with UpperClient("127.0.0.1", full.port, timeout=DEADLINE) as first:
-        assert first.send("uno") == "UNO"
-        second = UpperClient("127.0.0.1", full.port, timeout=DEADLINE)
-        with pytest.raises(UpperClientError) as caught:
-            second.send("dos")
-        assert "ERROR" in str(caught.value)
-        assert f"127.0.0.1:{full.port}" in str(caught.value)
-        assert second.closed
-        assert first.send("tres") == "TRES"
-
-
-def test_upper_client_echo_of_error_is_not_a_refusal(server):
-    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
-        assert client.send("error de prueba") == "ERROR DE PRUEBA"
-        assert client.send("ok") == "OK"
-
-
-def test_upper_client_echo_of_error_with_an_undecodable_byte(server):
-    with UpperClient("127.0.0.1", server.port, timeout=DEADLINE) as client:
-        assert client.send("error \udcff").startswith("ERROR ")  # os.fsdecode(b"error \xff")
-        assert not client.closed
-        assert client.send("ok") == "OK"
-
-
-def test_upper_client_server_gone(spawn_server):
-    proc = spawn_server()
-    client = UpperClient("127.0.0.1", proc.port, timeout=DEADLINE)
-    assert client.send("uno") == "UNO"
-    proc.signal(signal.SIGKILL)
-    proc.wait()
-    with pytest.raises(UpperClientError) as caught:
-        client.send("dos")
-    assert f"127.0.0.1:{proc.port}" in str(caught.value)
-    assert client.closed
-    client.close()  # already closed: still fine

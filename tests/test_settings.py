@@ -34,6 +34,10 @@ SOURCES: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
     "write_timeout": (("4", 4.0), ("5.5", 5.5), ("6", 6.0)),
     "log_level": (("DEBUG", "DEBUG"), ("warning", "WARNING"), ("Error", "ERROR")),
     "timeout": (("0.5", 0.5), ("7", 7.0), ("8", 8.0)),
+    # Switches take no value on the command line (None): giving the flag means yes.
+    "tls": ((None, True), ("no", False), ("sí", True)),
+    "tls_insecure": ((None, True), ("0", False), ("true", True)),
+    "cafile": (("flag.pem", "flag.pem"), ("env.pem", "env.pem"), ("file.pem", "file.pem")),
 }
 
 
@@ -72,6 +76,8 @@ def test_precedence(name, given, tmp_path):
     (flag, flag_value), (env, env_value), (file, file_value) = SOURCES[name]
     variable = config.variable_for(name)
     argv = [config.flag_for(name), flag] if "flag" in given else []
+    if flag is None:
+        argv = argv[:1]
     environ = {variable: env} if "env" in given else {}
     if "file" in given:
         write_env(tmp_path, f"{variable}={file}\n")
@@ -207,6 +213,11 @@ BAD_VALUES = [
     ("timeout", "abc"),
     ("log_level", "LOUD"), ("log_level", "5"),
     ("host", "dos palabras"),
+    # Integers and seconds are ASCII digits: int() and float() would take all of these.
+    ("port", "5_000"), ("port", "\u0665\u0660\u0660\u0660"), ("port", "50 00"),
+    ("port", "+5000"), ("max_clients", "1_0"), ("workers", "\uff12"),
+    ("timeout", "1_0"), ("timeout", "\u0665"), ("timeout", "+5"), ("idle_timeout", "1 5"),
+    ("tls", "quizá"), ("tls_insecure", "2"),
 ]
 
 
@@ -220,8 +231,11 @@ def _where(source: str, name: str) -> list[str]:
     }[source]
 
 
-@pytest.mark.parametrize("source", ["flag", "env", "file", "env-file"])
-@pytest.mark.parametrize(("name", "bad"), BAD_VALUES)
+@pytest.mark.parametrize(("name", "bad", "source"), [
+    (name, bad, source) for name, bad in BAD_VALUES
+    for source in ("flag", "env", "file", "env-file")
+    if not (source == "flag" and name in config.SWITCHES)  # a switch flag takes no value
+])
 def test_bad_value_names_setting_value_and_source(name, bad, source, tmp_path):
     variable = config.variable_for(name)
     argv = [config.flag_for(name), bad] if source == "flag" else []
@@ -238,6 +252,64 @@ def test_bad_value_names_setting_value_and_source(name, bad, source, tmp_path):
     assert repr(bad) in message or f'"{bad}"' in message
     for word in _where(source, name):
         assert word in message
+
+
+def test_client_port_0_is_refused(tmp_path):
+    with pytest.raises(SettingsError) as caught:
+        load(["--port", "0"], {}, tmp_path, config.CLIENT_SETTINGS)
+    assert "entre 1 y 65535" in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("1", True), ("sí", True), ("SI", True), ("yes", True), ("On", True), ("true", True),
+    ("0", False), ("no", False), ("NO", False), ("false", False), ("off", False),
+])
+def test_switch_values(text, value, tmp_path):
+    assert load([], {"TCP_UPPER_TLS": text}, tmp_path, config.CLIENT_SETTINGS).tls is value
+
+
+def test_cafile_or_insecure_imply_tls():
+    assert not Settings().use_tls
+    assert Settings(tls=True).use_tls
+    assert Settings(cafile="ca.pem").use_tls
+    assert Settings(tls_insecure=True).use_tls
+
+
+def test_public_parsers_for_other_programs():
+    # bench and others reuse them: same rules, same messages.
+    assert config.parse_int(1, 10)(" 7 ") == 7
+    with pytest.raises(ValueError, match="entre 1 y 10"):
+        config.parse_int(1, 10)("1_0")
+    assert config.parse_seconds("1.5", zero_is_off=False) == 1.5
+    assert config.parse_seconds("2e3", zero_is_off=False) == 2000.0
+    assert config.parse_seconds("0", zero_is_off=True) is None
+    with pytest.raises(ValueError):
+        config.parse_seconds("0", zero_is_off=False)
+
+
+def test_env_file_may_be_a_pipe(tmp_path):
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"TCP_UPPER_PORT=6000\n")
+    os.close(write_end)
+    try:
+        assert load(["--env-file", f"/dev/fd/{read_end}"], {}, tmp_path).port == 6000
+    finally:
+        os.close(read_end)
+
+
+def test_env_file_that_exists_but_cannot_be_read(tmp_path):
+    (tmp_path / "carpeta.env").mkdir()
+    with pytest.raises(SettingsError) as caught:
+        load(["--env-file", "carpeta.env"], {}, tmp_path)
+    assert "no se puede leer" in str(caught.value) and "carpeta.env" in str(caught.value)
+    assert "no existe" not in str(caught.value)
+
+
+def test_env_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "config.env").write_bytes(b"TCP_UPPER_HOST=\xff\n")
+    with pytest.raises(SettingsError) as caught:
+        load([], {}, tmp_path)
+    assert "config.env" in str(caught.value) and "UTF-8" in str(caught.value)
 
 
 def test_empty_host_flag_is_rejected(tmp_path):
