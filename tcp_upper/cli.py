@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Callable, TextIO
 
 from . import __version__, config
 from .errors import SettingsError
@@ -73,7 +73,13 @@ def parse_settings(
     parser: argparse.ArgumentParser, names: tuple[str, ...], argv: list[str] | None
 ) -> config.Settings:
     """Parse *argv* and resolve settings; a bad one exits 2 with one line (argparse style)."""
-    args = parser.parse_args(argv)
+    return settings_from(parser, names, parser.parse_args(argv))
+
+
+def settings_from(
+    parser: argparse.ArgumentParser, names: tuple[str, ...], args: argparse.Namespace
+) -> config.Settings:
+    """Resolve settings from parsed *args*; a bad one exits 2 with one line (argparse style)."""
     try:
         return config.load_settings(args, names)
     except SettingsError as exc:
@@ -267,7 +273,10 @@ def server_main(argv: list[str] | None = None) -> int:
         "Servidor TCP que responde cada mensaje en mayúsculas; DESCONEXION cierra ese cliente.",
         config.SERVER_SETTINGS,
     )
-    settings = parse_settings(parser, config.SERVER_SETTINGS, argv)
+    # Internal (tcp_upper.cluster): an inherited pipe that gets the bound port once listening.
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    settings = settings_from(parser, config.SERVER_SETTINGS, args)
     # Before any thread starts, so every thread inherits the mask: a stop signal (or a second
     # Ctrl-C, or a worker's SIGCHLD) can then only be taken by sigwait() in the main thread.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGCHLD})
@@ -277,16 +286,34 @@ def server_main(argv: list[str] | None = None) -> int:
         if settings.workers > 1:
             from .workers import run_workers
 
-            status = run_workers(settings)
+            status = run_workers(settings, on_ready=ready_reporter(args.ready_fd))
         else:
-            status = run_server(settings, log_writer)
+            status = run_server(settings, log_writer, ready_reporter(args.ready_fd))
     if log_writer.is_alive():  # nobody reads stderr: a normal exit would block flushing it
         os._exit(status)
     return status
 
 
-def run_server(settings: config.Settings, log_writer: LogWriter) -> int:
-    """One server process: listen, serve until a stop signal; 1 if it cannot listen."""
+def ready_reporter(fd: int | None) -> Callable[[int], None]:
+    """What to call with the bound port once connections are accepted: with ``--ready-fd``,
+    write it to that descriptor as ASCII decimal and a newline, then close it."""
+
+    def report(port: int) -> None:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # the reader is gone: it learns nothing more
+                os.write(fd, b"%d\n" % port)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    return report
+
+
+def run_server(settings: config.Settings, log_writer: LogWriter,
+               on_ready: Callable[[int], None] | None = None) -> int:
+    """One server process: listen, serve until a stop signal; 1 if it cannot listen.
+
+    *on_ready* gets the bound port once the socket listens (``--ready-fd``).
+    """
     try:
         server = make_server(
             settings.host,
@@ -294,10 +321,14 @@ def run_server(settings: config.Settings, log_writer: LogWriter) -> int:
             max_clients=settings.max_clients,
             idle_timeout=settings.idle_timeout,
             write_timeout=settings.write_timeout,
+            proxy_protocol=settings.proxy_protocol,
+            trusted_proxies=settings.trusted_proxies,
         )
     except OSError as exc:
         log.error("%s", bind_error_message(exc, settings.host, settings.port))
         return 1
+    if on_ready is not None:
+        on_ready(server.server_address[1])
     serve(server, log_writer)
     return 0
 

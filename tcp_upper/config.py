@@ -19,6 +19,7 @@ from typing import Any, Callable
 from dotenv import dotenv_values
 
 from .errors import SettingsError
+from .proxy_protocol import DEFAULT_TRUSTED_PROXIES, Network, parse_networks
 
 DEFAULT_ENV_FILE = "config.env"
 ENV_PREFIX = "TCP_UPPER_"
@@ -44,6 +45,10 @@ class Settings:
     timeout: float = 10.0
     #: Server only: processes sharing the port (SO_REUSEPORT).
     workers: int = 1
+    #: Server only: every connection starts with a PROXY protocol header (behind HAProxy)...
+    proxy_protocol: bool = False
+    #: ...sent by a peer in one of these networks; anyone else is refused.
+    trusted_proxies: tuple[Network, ...] = DEFAULT_TRUSTED_PROXIES
 
 
 def _parse_host(text: str) -> str:
@@ -89,6 +94,17 @@ def _parse_log_level(text: str) -> str:
     return level
 
 
+def _parse_switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in _SWITCH_VALUES:
+        raise ValueError("debe ser sí o no (1/0, true/false, yes/no, on/off)")
+    return _SWITCH_VALUES[value]
+
+
+_SWITCH_VALUES = {word: True for word in ("1", "true", "yes", "on", "sí", "si")} | {
+    word: False for word in ("0", "false", "no", "off")}
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "host": _parse_host,
     "port": _parse_int(0, 65535),
@@ -98,6 +114,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _parse_log_level,
     "timeout": lambda text: _parse_seconds(text, zero_is_off=False),
     "workers": _parse_int(1, 256),
+    "proxy_protocol": _parse_switch,
+    "trusted_proxies": lambda text: parse_networks(text.split(",")),
 }
 
 _HELP = {
@@ -110,10 +128,16 @@ _HELP = {
     "log_level": "nivel de registro: " + ", ".join(LOG_LEVELS) + " (por defecto: %(default)s)",
     "timeout": "segundos de espera de cada respuesta (por defecto: %(default)s)",
     "workers": "procesos que comparten el puerto (por defecto: %(default)s)",
+    "proxy_protocol": "exige una cabecera PROXY (v1 o v2) al principio de cada conexión, "
+    "detrás de HAProxy (por defecto: no)",
+    "trusted_proxies": "redes CIDR separadas por comas que pueden enviar la cabecera PROXY "
+    "(por defecto: 127.0.0.0/8,::1/128)",
 }
 
 SERVER_SETTINGS = ("host", "port", "max_clients", "idle_timeout", "write_timeout", "log_level",
-                   "workers")
+                   "workers", "proxy_protocol", "trusted_proxies")
+#: Settings whose flag may be given alone (``--proxy-protocol`` = ``--proxy-protocol sí``).
+_SWITCHES = ("proxy_protocol",)
 CLIENT_SETTINGS = ("host", "port", "timeout", "log_level")
 
 
@@ -142,12 +166,14 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None
     )
     for name in names:
         default = getattr(defaults, name)
+        alone: dict[str, Any] = {"nargs": "?", "const": "sí"} if name in _SWITCHES else {}
         parser.add_argument(
             flag_for(name),
             dest=name,
             metavar=name.upper(),
             default=None,
             help=_HELP[name] % {"default": "desactivado" if default is None else default},
+            **alone,
         )
 
 

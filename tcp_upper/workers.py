@@ -16,6 +16,7 @@ import select
 import signal
 import socket
 import time
+from typing import Callable
 
 from .config import Settings
 from .server import bind_error_message, make_server
@@ -67,7 +68,8 @@ def _start_worker(settings: Settings, port: int, ready_fd: int) -> int:
                 server = make_server(
                     settings.host, port, max_clients=settings.max_clients,
                     idle_timeout=settings.idle_timeout, write_timeout=settings.write_timeout,
-                    reuse_port=True,
+                    reuse_port=True, proxy_protocol=settings.proxy_protocol,
+                    trusted_proxies=settings.trusted_proxies,
                 )
             except OSError as exc:
                 log.error("%s", bind_error_message(exc, settings.host, port))
@@ -128,8 +130,11 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def run_workers(settings: Settings) -> int:
-    """Run ``settings.workers`` server processes on one port; return the exit status."""
+def run_workers(settings: Settings, on_ready: Callable[[int], None] | None = None) -> int:
+    """Run ``settings.workers`` server processes on one port; return the exit status.
+
+    *on_ready* gets the port once every worker listens (``--ready-fd``).
+    """
     try:
         reservation = _reserve_port(settings)
     except OSError as exc:
@@ -151,6 +156,8 @@ def run_workers(settings: Settings) -> int:
             return 1
         log.info("Servidor escuchando en %s (%d procesos, máximo %d clientes cada uno)",
                  format_address(address), settings.workers, settings.max_clients)
+        if on_ready is not None:
+            on_ready(port)
         while True:
             signum = signal.sigwait(_PARENT_SIGNALS)
             if signum != signal.SIGCHLD:

@@ -28,7 +28,9 @@ import time
 from typing import Any, Callable
 
 from ..protocol import HOLD_BACK_SECONDS, UpperProtocol
+from ..proxy_protocol import DEFAULT_TRUSTED_PROXIES, Network
 from ..system import format_address, listen_address
+from .proxy import REFUSED_DRAIN_SECONDS, accept_proxied
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
     disable_nagle_algorithm = True  # replies are small and must not wait for an ACK
     rbufsize = 0  # reads go straight to recv(): no buffer to fill, no line to wait for
     server: UpperServer
+    log_level = logging.INFO  # of its connect/disconnect lines (DEBUG: a proxy health check)
 
     def setup(self) -> None:
         super().setup()
@@ -150,7 +153,11 @@ class UpperHandler(socketserver.StreamRequestHandler):
         self.server.attach(self)
 
     def handle(self) -> None:
-        log.info("Cliente %s conectado (%d activos)", self.peer, self.server.active_clients)
+        if self.server.proxy_protocol and not accept_proxied(self):  # PROXY header: proxy.py
+            self._close_orderly(REFUSED_DRAIN_SECONDS)
+            return
+        log.log(self.log_level, "Cliente %s conectado (%d activos)", self.peer,
+                self.server.active_clients)
         try:
             reason = self._serve()
         except BlockingIOError:  # SO_SNDTIMEO expired: the client stopped reading
@@ -161,7 +168,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
         except OSError as exc:
             reason = f"error de red: {exc.strerror or exc}"
         if self.server.mark_reported(self):
-            log.info("Cliente %s desconectado: %s", self.peer, reason)
+            log.log(self.log_level, "Cliente %s desconectado: %s", self.peer, reason)
 
     def _serve(self) -> str:
         """Run the read → feed → send loop; return why it ended.
@@ -280,6 +287,9 @@ class UpperServer(socketserver.ThreadingTCPServer):
 
     max_clients: int = 10_000
     idle_timeout: float | None = None
+    #: --proxy-protocol: every connection must start with a PROXY header from a trusted peer.
+    proxy_protocol = False
+    trusted_proxies: tuple[Network, ...] = DEFAULT_TRUSTED_PROXIES
     _accept_warned_at = float("-inf")
     write_timeout: float = 30.0
 
@@ -441,6 +451,8 @@ def make_server(
     write_timeout: float = UpperServer.write_timeout,
     reuse_port: bool = False,
     handler: Callable[..., socketserver.BaseRequestHandler] = UpperHandler,
+    proxy_protocol: bool = False,
+    trusted_proxies: tuple[Network, ...] = DEFAULT_TRUSTED_PROXIES,
 ) -> UpperServer:
     """Bind a server to the first address *host* resolves to; it is listening when returned.
 
@@ -453,6 +465,7 @@ def make_server(
     server.idle_timeout = idle_timeout
     server.write_timeout = write_timeout
     server.allow_reuse_port = reuse_port
+    server.proxy_protocol, server.trusted_proxies = proxy_protocol, trusted_proxies
     try:
         server.server_bind()
         server.server_activate()
