@@ -145,15 +145,15 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     version_command, family_protocol, payload = struct.unpack_from("!BBH", data, 12)
     if version_command >> 4 != 2 or version_command & 0xF not in (0x0, 0x1):
         raise ProxyProtocolError(f"PROXY v2: versión/orden desconocida 0x{version_command:02x}")
+    family_code, protocol = family_protocol >> 4, family_protocol & 0xF
+    if family_code not in _V2_FAMILIES or protocol > 2:
+        raise ProxyProtocolError(f"PROXY v2: familia desconocida 0x{family_protocol:02x}")
     if payload > V2_MAX_PAYLOAD:
         raise ProxyProtocolError(f"PROXY v2: cabecera demasiado grande ({payload} bytes)")
     length = V2_FIXED_BYTES + payload
     if len(data) < length:
         return None
     command = LOCAL if version_command & 0xF == 0 else PROXY
-    family_code, protocol = family_protocol >> 4, family_protocol & 0xF
-    if family_code not in _V2_FAMILIES or protocol > 2:
-        raise ProxyProtocolError(f"PROXY v2: familia desconocida 0x{family_protocol:02x}")
     family, block = _V2_FAMILIES[family_code]
     leftover = data[length:]
     if command == LOCAL:  # the proxy's own connection: the address block is to be ignored
