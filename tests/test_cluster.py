@@ -8,13 +8,11 @@ waits poll a condition until a deadline, and every process is stopped by PID.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -93,6 +91,13 @@ def close_all(clients: list[socket.socket]) -> None:
 @pytest.fixture
 def make_cluster() -> Iterator[Callable[..., cl.Cluster]]:
     """Start clusters on free loopback ports with fast health checks; stop them by PID after."""
+    with clusters() as make:
+        yield make
+
+
+@contextlib.contextmanager
+def clusters() -> Iterator[Callable[..., cl.Cluster]]:
+    """What :func:`make_cluster` does, for other test modules' fixtures."""
     started: list[cl.Cluster] = []
 
     def make(**kwargs: object) -> cl.Cluster:
@@ -293,79 +298,6 @@ def test_300_clients_are_answered_and_spread_over_all_instances(make_cluster) ->
         assert sum(sessions.values()) == 300 and min(sessions.values()) >= 60, sessions
     finally:
         close_all(clients)
-
-
-def _relayed(caplog: pytest.LogCaptureFixture, pattern: str) -> list[str]:
-    """The instances' relayed log lines (``s1 | ...``) matching *pattern*."""
-    regex = re.compile(pattern)
-    return [r.getMessage() for r in caplog.records
-            if r.name == "tcp_upper.cluster.relay" and regex.search(r.getMessage())]
-
-
-@cluster_test
-def test_instances_log_real_clients_and_checks_only_at_debug(make_cluster, caplog) -> None:
-    caplog.set_level(logging.INFO)
-    cluster = make_cluster(instances=2, log_level="DEBUG")
-    # Checks reach the instances: PROXY v2 LOCAL, logged at DEBUG.
-    wait_until(lambda: len(_relayed(caplog, r"DEBUG Cliente \S+ desconectado: DESCONEXION")) >= 4,
-               10, "health checks logged at DEBUG")
-    clients = open_clients(cluster.front_port, 4, "hola")
-    ports = {sock.getsockname()[1] for sock in clients}
-    close_all(clients)
-    wait_until(lambda: len(_relayed(caplog, r"INFO Cliente .* desconectado")) >= 4, 10,
-               "the clients' disconnect lines")
-    connected = _relayed(caplog, r"INFO Cliente .* conectado")
-    # Exactly our clients, by their own address and port; no check and no HAProxy port.
-    logged = {int(re.search(r"Cliente 127\.0\.0\.1:(\d+) conectado", line).group(1))
-              for line in connected}
-    assert logged == ports and len(connected) == 4, connected
-
-
-@cluster_test
-def test_an_instance_refuses_clients_that_bypass_the_front(make_cluster) -> None:
-    cluster = make_cluster(instances=1, log_level="WARNING")
-    with connect(cluster.instances[0].port) as sock:
-        sock.sendall(b"hola\n")
-        assert recv_line(sock).startswith(b"ERROR ")
-        assert recv_line(sock) == b""
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A test CA (its certificate file) and the front's PEM (chain + key), made at run time."""
-    trustme = pytest.importorskip("trustme")
-    folder = tmp_path_factory.mktemp("tls")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    front = folder / "front.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(front))
-    ca_file = folder / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    return ca_file, front
-
-
-@cluster_test
-def test_tls_end_to_end_through_the_front(make_cluster, tls_files) -> None:
-    ca_file, front = tls_files
-    cluster = make_cluster(instances=2, tls_cert=str(front), log_level="WARNING")
-    context = ssl.create_default_context(cafile=str(ca_file))
-    with context.wrap_socket(connect(cluster.front_port), server_hostname="127.0.0.1") as tls:
-        assert tls.version() is not None and tls.getpeercert()
-        tls.sendall("hola ñandú\nDESCONEXION\n".encode())
-        assert recv_line(tls) == "HOLA ÑANDÚ\n".encode()
-        assert recv_line(tls) == b""  # the server's orderly close, through TLS
-
-
-@cluster_test
-def test_plain_text_to_the_tls_front_gets_no_reply(make_cluster, tls_files) -> None:
-    cluster = make_cluster(instances=1, tls_cert=str(tls_files[1]), log_level="WARNING")
-    with connect(cluster.front_port) as sock:
-        sock.sendall(b"hola\n")
-        try:
-            reply = recv_line(sock)
-        except ConnectionResetError:
-            reply = b""
-    assert b"HOLA" not in reply and reply == b""
 
 
 @cluster_test
