@@ -227,6 +227,15 @@ def test_a_silent_peer_is_refused_at_the_deadline(start_server, caplog, monkeypa
     assert any("sin cabecera PROXY completa en 0.2 s" in r.getMessage() for r in caplog.records)
 
 
+def test_a_stop_ends_a_header_wait_without_a_reply(start_server) -> None:
+    server = start_server(proxy_protocol=True)
+    with connect(server.port) as sock:  # silent: its thread waits for the header (3 s)
+        wait_until(lambda: server.server.active_clients == 1, what="the connection accepted")
+        server.server.shutdown()
+        assert server.server.close_clients(2.0) == 0  # ended in order, well before 3 s
+        assert recv_until_closed(sock) == b""
+
+
 def test_an_untrusted_peer_is_refused_before_reading(start_server, caplog) -> None:
     server = start_server(proxy_protocol=True,
                           trusted_proxies=pp.parse_networks(["192.0.2.0/24"]))

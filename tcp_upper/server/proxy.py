@@ -61,9 +61,13 @@ def _receive_timeout(sock: socket.socket, seconds: float | None) -> None:
 
 
 def _consume(sock: socket.socket, count: int) -> None:
-    """Read and drop *count* bytes that MSG_PEEK already showed are queued."""
+    """Read and drop *count* bytes that MSG_PEEK already showed are queued (so each recv()
+    returns at once, and never reads past them)."""
     while count > 0:
-        count -= len(sock.recv(count)) or count  # never 0 here: the bytes are queued
+        data = sock.recv(count)
+        if not data:  # cannot happen while they are queued; do not spin if it does
+            return
+        count -= len(data)
 
 
 def read_header(sock: socket.socket, timeout: float, stopping: Callable[[], bool]) -> ProxyHeader:
