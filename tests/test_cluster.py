@@ -476,6 +476,7 @@ def test_command_line_without_haproxy_says_so(tmp_path: Path) -> None:
         (["--port", "6000", "--base-port", "5999"], {}, "--base-port"),
         (["--instances", "0"], {}, "--backend"),
         (["--backend", "nohost"], {}, "--backend"),
+        (["--tls-cert", "no-such.pem"], {}, "--tls-cert"),
     ],
 )
 def test_command_line_bad_settings_exit_2(
