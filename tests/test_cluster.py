@@ -161,10 +161,12 @@ def test_render_has_the_contract() -> None:
     assert send.startswith('tcp-check send "ping\\n')
 
 
-def test_default_checks_notice_a_dead_server_within_3_seconds() -> None:
+def test_default_checks_notice_a_hung_server_within_3_seconds() -> None:
     check = cl.HealthCheck()
-    assert check.fall * check.inter_ms + check.timeout_ms <= 3000
-    assert "    timeout check 1s" in cl.render_haproxy_config().splitlines()
+    assert check.fall * (check.inter_ms + check.timeout_ms) <= 3000
+    lines = cl.render_haproxy_config().splitlines()
+    assert "    timeout check 1s" in lines
+    assert "    default-server inter 500ms fall 2 rise 2 send-proxy-v2 check-send-proxy" in lines
 
 
 def test_render_tls_on_an_inherited_socket() -> None:

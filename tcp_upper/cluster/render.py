@@ -40,12 +40,13 @@ class HealthCheck:
     """How HAProxy decides that a back end is up: every *inter_ms*, a line and its reply.
 
     A server is marked down after *fall* failed checks in a row and up again after *rise*
-    good ones; a check unanswered for *timeout_ms* fails. The defaults notice a dead or hung
-    server within 3 s (fall x inter + timeout) and cost each server one short connection a
-    second; docs/CLUSTER.md gives the reasons.
+    good ones; a check unanswered for *timeout_ms* fails. The defaults notice a hung server
+    within 3 s (fall x (inter + timeout)), a dead one within 1 s (fall x inter: its port
+    refuses at once), for two short connections a second per server; docs/CLUSTER.md gives
+    the reasons.
     """
 
-    inter_ms: int = 1000
+    inter_ms: int = 500
     fall: int = 2
     rise: int = 2
     timeout_ms: int = 1000
@@ -145,7 +146,7 @@ def render_haproxy_config(
         inter=_interval(check.inter_ms),
         fall=check.fall,
         rise=check.rise,
-        detect=_interval(check.fall * check.inter_ms + check.timeout_ms),
+        detect=_interval(check.fall * (check.inter_ms + check.timeout_ms)),
         servers="\n".join(
             f"    server s{i} {format_address((host, port))} check"
             for i, (host, port) in enumerate(backends, start=1)
