@@ -115,6 +115,8 @@ def accept_proxied(handler: UpperHandler) -> bool:
             raise ProxyRefused("no está en --trusted-proxies", UNTRUSTED_MESSAGE)
         header = read_header(sock, HEADER_SECONDS, lambda: server.stopping)
         _receive_timeout(sock, server.idle_timeout)
+        if server.stopping:  # close_clients() may have set the stop timeout just before
+            raise ProxyRefused("parada del servidor", reply=None)
     except ProxyRefused as exc:
         if exc.reply is None:
             log.debug("Conexión de %s cerrada: %s", handler.peer, exc.reason)
