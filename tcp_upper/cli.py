@@ -55,18 +55,22 @@ def server_main(argv: list[str] | None = None) -> int:
         "Servidor TCP que responde cada mensaje en mayúsculas; DESCONEXION cierra ese cliente.",
         config.SERVER_SETTINGS,
     )
-    settings = parse_settings(parser, config.SERVER_SETTINGS, argv)
+    # Internal (tcp_upper.cluster): an inherited pipe that gets the bound port once listening.
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    settings = _load_settings(parser, args, config.SERVER_SETTINGS)
+    on_ready = serving.ready_reporter(args.ready_fd)
     serving.block_stop_signals()  # before any thread starts: every thread inherits the mask
     limit_warning = serving.raise_file_limit(settings.max_clients)
     serving.tune_runtime()
     if settings.workers > 1:
         from .workers import run_workers
 
-        return run_workers(settings, limit_warning)
+        return run_workers(settings, limit_warning, on_ready)
     with background_logging(settings.log_level, exit_seconds=LOG_DONE) as log_writer:
         if limit_warning:
             logging.getLogger("tcp_upper").warning("%s", limit_warning)
-        status = serving.run_server(settings, log_writer)
+        status = serving.run_server(settings, log_writer, on_ready)
     return exit_status(status, log_writer)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from dotenv import dotenv_values
 
 from .errors import SettingsError
+from .proxy_protocol import DEFAULT_TRUSTED_PROXIES, Network, parse_networks
 
 DEFAULT_ENV_FILE = "config.env"
 ENV_PREFIX = "TCP_UPPER_"
@@ -56,6 +57,10 @@ class Settings:
     def use_tls(self) -> bool:
         """Whether the client speaks TLS: ``--tls``, ``--cafile`` or ``--tls-insecure``."""
         return self.tls or self.cafile is not None or self.tls_insecure
+    #: Server only: every connection starts with a PROXY protocol header (behind HAProxy)...
+    proxy_protocol: bool = False
+    #: ...sent by a peer in one of these networks; anyone else is refused.
+    trusted_proxies: tuple[Network, ...] = DEFAULT_TRUSTED_PROXIES
 
 
 def _parse_host(text: str) -> str:
@@ -138,6 +143,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "tls": parse_bool,
     "cafile": _parse_path,
     "tls_insecure": parse_bool,
+    "proxy_protocol": parse_bool,
+    "trusted_proxies": lambda text: parse_networks(text.split(",")),
 }
 
 _HELP = {
@@ -155,18 +162,23 @@ _HELP = {
     "implica --tls",
     "tls_insecure": "TLS sin comprobar el certificado del servidor (solo para pruebas); "
     "implica --tls",
+    "proxy_protocol": "exige una cabecera PROXY (v1 o v2) al principio de cada conexión, "
+    "detrás de HAProxy (por defecto: no)",
+    "trusted_proxies": "redes CIDR separadas por comas que pueden enviar la cabecera PROXY "
+    "(por defecto: 127.0.0.0/8,::1/128)",
 }
 
 SERVER_SETTINGS = ("host", "port", "max_clients", "idle_timeout", "write_timeout", "log_level",
-                   "workers")
+                   "workers", "proxy_protocol", "trusted_proxies")
 CLIENT_SETTINGS = ("host", "port", "timeout", "log_level", "tls", "cafile", "tls_insecure")
 
 #: What each flag's value is, in --help.
 _METAVARS = {"host": "NOMBRE", "port": "PUERTO", "max_clients": "N", "workers": "N",
-             "log_level": "NIVEL", "cafile": "FICHERO"}
+             "log_level": "NIVEL", "cafile": "FICHERO",
+             "trusted_proxies": "CIDR[,CIDR…]"}
 
 #: Settings that are yes/no flags on the command line (``--tls``), values elsewhere.
-SWITCHES = frozenset({"tls", "tls_insecure"})
+SWITCHES = frozenset({"tls", "tls_insecure", "proxy_protocol"})
 
 #: What differs for each program: each help says what that program does with the setting, and
 #: the client cannot connect to port 0. Other callers (bench, cluster) get the shared texts.

@@ -7,12 +7,15 @@ process (:mod:`tcp_upper.workers`). The stop's steps and budget are in
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+from typing import Callable
 
 from . import config
 from .errors import ServerStartError
@@ -104,15 +107,36 @@ def listen(settings: config.Settings, port: int | None = None,
         idle_timeout=settings.idle_timeout,
         write_timeout=settings.write_timeout,
         reuse_port=reuse_port,
+        proxy_protocol=settings.proxy_protocol,
+        trusted_proxies=settings.trusted_proxies,
     )
 
 
-def run_server(settings: config.Settings, log_writer: LogWriter) -> int:
-    """One server process: listen, serve until a stop signal; 1 if it cannot listen."""
+def ready_reporter(fd: int | None) -> Callable[[int], None]:
+    """What to call with the bound port once connections are accepted: with ``--ready-fd``,
+    write it to that inherited descriptor as ASCII decimal and a newline, then close it."""
+
+    def report(port: int) -> None:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # the reader is gone: it learns nothing more
+                os.write(fd, b"%d\n" % port)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    return report
+
+
+def run_server(settings: config.Settings, log_writer: LogWriter,
+               on_ready: Callable[[int], None]) -> int:
+    """One server process: listen, serve until a stop signal; 1 if it cannot listen.
+
+    *on_ready* gets the bound port once the socket listens (``--ready-fd``).
+    """
     try:
         server = listen(settings)
     except ServerStartError as exc:
         log.error("%s", exc)
         return 1
+    on_ready(server.server_address[1])
     serve(server, log_writer)
     return 0

@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import time
+from typing import Callable
 
 from .config import Settings
 from .errors import ServerStartError
@@ -187,8 +188,11 @@ class _Supervisor:
         os.close(self.ready_write)
 
 
-def run_workers(settings: Settings, limit_warning: str | None) -> int:
+def run_workers(settings: Settings, limit_warning: str | None,
+                on_ready: Callable[[int], None]) -> int:
     """Run ``settings.workers`` server processes on one port; return the exit status.
+
+    *on_ready* gets the port once every worker listens (``--ready-fd``).
 
     Stop signals (and SIGCHLD) must be blocked already (serving.block_stop_signals): workers
     inherit the mask, so none is lost before their own serve() waits for it.
@@ -209,7 +213,7 @@ def run_workers(settings: Settings, limit_warning: str | None) -> int:
             if limit_warning:
                 log.warning("%s", limit_warning)
             try:
-                status = _serve_until_stopped(supervisor, reservation, log_writer)
+                status = _serve_until_stopped(supervisor, reservation, log_writer, on_ready)
             finally:
                 supervisor.close(log_writer.stop_began)
                 log.info("Servidor parado")
@@ -217,7 +221,7 @@ def run_workers(settings: Settings, limit_warning: str | None) -> int:
 
 
 def _serve_until_stopped(supervisor: _Supervisor, reservation: socket.socket,
-                         log_writer: LogWriter) -> int:
+                         log_writer: LogWriter, on_ready: Callable[[int], None]) -> int:
     """Wait for the workers to listen, announce the address, supervise until stopped."""
     settings = supervisor.settings
     if not _wait_ready(supervisor.ready_read, settings.workers):
@@ -227,4 +231,5 @@ def _serve_until_stopped(supervisor: _Supervisor, reservation: socket.socket,
              format_address(reservation.getsockname()),
              plural(settings.workers, "proceso", "procesos"),
              plural(settings.max_clients, "cliente", "clientes"))
+    on_ready(reservation.getsockname()[1])
     return supervisor.supervise(log_writer)

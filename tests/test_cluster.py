@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from conftest import connect, wait_until
 
 from tcp_upper import cluster as cl
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY = cl.find_haproxy()
-FAST = cl.HealthCheck(inter_ms=200, fall=2, rise=2)
+FAST = cl.HealthCheck(inter_ms=200, fall=2, rise=2, timeout_ms=200)
 
 needs_haproxy = [
     pytest.mark.cluster,
@@ -37,15 +38,6 @@ needs_haproxy = [
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll *condition* until it is true; fail naming *what* after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def open_sockets(pid: int) -> int:
@@ -75,10 +67,6 @@ def recv_line(sock: socket.socket, timeout: float = 5.0) -> bytes:
     return data
 
 
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5)
-
-
 def open_clients(port: int, count: int, tag: str) -> list[socket.socket]:
     """*count* clients through the front, each already answered correctly once (held open)."""
     clients = []
@@ -103,12 +91,19 @@ def close_all(clients: list[socket.socket]) -> None:
 @pytest.fixture
 def make_cluster() -> Iterator[Callable[..., cl.Cluster]]:
     """Start clusters on free loopback ports with fast health checks; stop them by PID after."""
+    with clusters() as make:
+        yield make
+
+
+@contextlib.contextmanager
+def clusters() -> Iterator[Callable[..., cl.Cluster]]:
+    """What :func:`make_cluster` does, for other test modules' fixtures."""
     started: list[cl.Cluster] = []
 
     def make(**kwargs: object) -> cl.Cluster:
         options: dict = {"instances": 3, "base_port": 0, "check": FAST, "log_level": "INFO"}
         options.update(kwargs)
-        cluster = cl.Cluster("127.0.0.1", cl.free_port(), haproxy=HAPROXY, **options)
+        cluster = cl.Cluster("127.0.0.1", 0, haproxy=HAPROXY, **options)
         started.append(cluster)
         cluster.start()
         return cluster
@@ -148,13 +143,15 @@ def test_deploy_config_is_the_default_rendering() -> None:
 def test_render_has_the_contract() -> None:
     text = cl.render_haproxy_config(
         "0.0.0.0", 6000, [("127.0.0.1", 6001), ("10.0.0.2", 5000), ("::1", 7000)],
-        check=cl.HealthCheck(inter_ms=200, fall=2, rise=4), maxconn=123,
+        check=cl.HealthCheck(inter_ms=200, fall=2, rise=4, timeout_ms=300), maxconn=123,
         stats_socket="/run/x.sock",
     )
     lines = [line.strip() for line in text.splitlines()]
     for expected in [
         "mode tcp", "balance leastconn", "option tcp-check", "tcp-check expect string PING",
-        "bind 0.0.0.0:6000", "maxconn 123", "default-server inter 200ms fall 2 rise 4",
+        "bind 0.0.0.0:6000", "maxconn 123",
+        "default-server inter 200ms fall 2 rise 4 send-proxy-v2 check-send-proxy",
+        "timeout check 300ms",
         "server s1 127.0.0.1:6001 check", "server s2 10.0.0.2:5000 check",
         "server s3 [::1]:7000 check", "stats socket /run/x.sock mode 600 level admin",
         "timeout connect 2s", "timeout client 1h", "timeout server 1h",
@@ -162,6 +159,19 @@ def test_render_has_the_contract() -> None:
         assert expected in lines, expected
     send = next(line for line in lines if line.startswith("tcp-check send "))
     assert send.startswith('tcp-check send "ping\\n')
+
+
+def test_default_checks_notice_a_hung_server_within_3_seconds() -> None:
+    check = cl.HealthCheck()
+    assert check.fall * (check.inter_ms + check.timeout_ms) <= 3000
+    lines = cl.render_haproxy_config().splitlines()
+    assert "    timeout check 1s" in lines
+    assert "    default-server inter 500ms fall 2 rise 2 send-proxy-v2 check-send-proxy" in lines
+
+
+def test_render_tls_on_an_inherited_socket() -> None:
+    lines = cl.render_haproxy_config(tls_cert="/etc/tcp-upper/front.pem", front_fd=7).splitlines()
+    assert "    bind fd@7 ssl crt /etc/tcp-upper/front.pem" in lines
 
 
 def test_render_timeouts_follow_the_servers_idle_timeout() -> None:
@@ -189,6 +199,17 @@ def test_print_config_matches_the_renderer(tmp_path: Path) -> None:
         "localhost", 6000, [("127.0.0.1", 6001), ("127.0.0.1", 6002), ("10.0.0.2", 5000)],
         idle_timeout=30,
     )
+
+
+def test_console_script_prints_the_same_config(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("tcp-upper-cluster")
+    if not script.exists():
+        pytest.skip("tcp-upper-cluster is not installed next to this Python (pip install -e .)")
+    out = subprocess.run([str(script), "--print-config", "--tls-cert", "/x/front.pem"],
+                         capture_output=True, text=True, timeout=20, cwd=tmp_path,
+                         env=_clean_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == cl.render_haproxy_config(tls_cert="/x/front.pem")
 
 
 def test_parse_backend() -> None:
@@ -353,14 +374,27 @@ def test_restart_option_brings_a_dead_instance_back(make_cluster) -> None:
 
 
 @cluster_test
-def test_start_failure_stops_what_was_started() -> None:
+def test_a_busy_front_port_fails_before_anything_starts() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         front = busy.getsockname()[1]
         cluster = cl.Cluster("127.0.0.1", front, haproxy=HAPROXY, instances=2, check=FAST)
-        with pytest.raises(cl.ClusterError, match=r"HAProxy no arrancó: .*--port"):
+        with pytest.raises(cl.ClusterError, match=rf"puerto {front} está ocupado.*--port"):
             cluster.start()
+    assert all(i.child is None for i in cluster.instances)
+    assert cluster.run_dir is None and cluster.haproxy_pid is None
+
+
+@cluster_test
+def test_start_failure_stops_what_was_started(tmp_path: Path) -> None:
+    # A certificate HAProxy cannot load: the instances are up by then, and are stopped again.
+    bad = tmp_path / "front.pem"
+    bad.write_text("no es un certificado\n", encoding="utf-8")
+    cluster = cl.Cluster("127.0.0.1", 0, haproxy=HAPROXY, instances=2, check=FAST,
+                         tls_cert=str(bad))
+    with pytest.raises(cl.ClusterError, match=r"HAProxy no arrancó: "):
+        cluster.start()
     assert all(i.child.process.poll() is not None for i in cluster.instances)
     assert cluster.run_dir is None
 
@@ -374,9 +408,8 @@ def _read_lines(stream, sink: list[str]) -> None:
 @pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm-to-pid", "ctrl-c-to-group"])
 def test_command_line_serves_and_stops_on_a_signal(tmp_path: Path, ctrl_c: bool) -> None:
     """SIGTERM reaches the cluster alone; Ctrl-C in a terminal reaches every child as well."""
-    front = cl.free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tcp_upper.cluster", "--host", "127.0.0.1", "--port", str(front),
+        [sys.executable, "-m", "tcp_upper.cluster", "--host", "127.0.0.1", "--port", "0",
          "--base-port", "0", "--instances", "2", "--log-level", "WARNING"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, cwd=tmp_path, env=_clean_env(), start_new_session=True,
@@ -394,7 +427,9 @@ def test_command_line_serves_and_stops_on_a_signal(tmp_path: Path, ctrl_c: bool)
         wait_until(lambda: printed or process.poll() is not None, 15,
                    "the 'connect here' line on stdout")
         assert process.poll() is None, "".join(lines)
-        assert f"Cluster escuchando en 127.0.0.1:{front}" in printed[0], printed
+        found = re.search(r"Cluster escuchando en 127\.0\.0\.1:(\d+)", printed[0])
+        assert found, printed
+        front = int(found.group(1))
         assert f"--port {front}" in printed[0], printed
         children = [int(pid) for pid in Path(
             f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
@@ -443,6 +478,7 @@ def test_command_line_without_haproxy_says_so(tmp_path: Path) -> None:
         (["--port", "6000", "--base-port", "5999"], {}, "--base-port"),
         (["--instances", "0"], {}, "--backend"),
         (["--backend", "nohost"], {}, "--backend"),
+        (["--tls-cert", "no-such.pem"], {}, "--tls-cert"),
     ],
 )
 def test_command_line_bad_settings_exit_2(

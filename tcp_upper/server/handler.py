@@ -13,6 +13,7 @@ from ..plural import plural
 from ..protocol import HOLD_BACK_SECONDS, UpperProtocol
 from ..system import format_address
 from . import stop
+from .proxy import REFUSED_DRAIN_SECONDS, accept_proxied
 from .sockets import READ_SIZE, close_orderly, enable_keepalive, set_timeout
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class UpperHandler(socketserver.StreamRequestHandler):
     #: Whether this client's disconnect line was logged; only touched under the server's lock
     #: (see UpperServer.mark_reported): one line per client, from its thread or the stopper.
     reported = False
+    #: Level of its connect/disconnect lines: DEBUG for a proxy's health check (LOCAL).
+    log_level = logging.INFO
 
     def setup(self) -> None:
         super().setup()
@@ -66,8 +69,11 @@ class UpperHandler(socketserver.StreamRequestHandler):
         self.server.attach(self)
 
     def handle(self) -> None:
-        log.info("Cliente %s conectado (%s)", self.peer,
-                 plural(self.server.active_clients, "activo", "activos"))
+        if self.server.proxy_protocol and not accept_proxied(self):  # PROXY header: proxy.py
+            close_orderly(self.connection, REFUSED_DRAIN_SECONDS)
+            return
+        log.log(self.log_level, "Cliente %s conectado (%s)", self.peer,
+                plural(self.server.active_clients, "activo", "activos"))
         try:
             reason = self._serve()
         except BlockingIOError:  # SO_SNDTIMEO expired: the client stopped reading
@@ -78,7 +84,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
         except OSError as exc:
             reason = f"error de red: {exc.strerror or exc}"
         if self.server.mark_reported(self):
-            log.info("Cliente %s desconectado: %s", self.peer, reason)
+            log.log(self.log_level, "Cliente %s desconectado: %s", self.peer, reason)
 
     def _serve(self) -> str:
         """Run the read → feed → send loop; return why it ended.

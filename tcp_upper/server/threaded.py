@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ..config import Settings
 from ..errors import ServerStartError
 from ..plural import plural
+from ..proxy_protocol import Network
 from ..system import format_address, listen_address
 from . import stop
 from .handler import Reason, UpperHandler
@@ -53,6 +54,9 @@ class UpperServer(socketserver.ThreadingTCPServer):
     max_clients: int = Settings.max_clients
     idle_timeout: float | None = Settings.idle_timeout
     write_timeout: float = Settings.write_timeout
+    #: --proxy-protocol: every connection must start with a PROXY header from a trusted peer.
+    proxy_protocol: bool = Settings.proxy_protocol
+    trusted_proxies: tuple[Network, ...] = Settings.trusted_proxies
     _accept_warned_at = float("-inf")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -187,6 +191,8 @@ def make_server(
     write_timeout: float = UpperServer.write_timeout,
     reuse_port: bool = False,
     handler: Callable[..., socketserver.BaseRequestHandler] = UpperHandler,
+    proxy_protocol: bool = UpperServer.proxy_protocol,
+    trusted_proxies: tuple[Network, ...] = UpperServer.trusted_proxies,
 ) -> UpperServer:
     """Bind a server to the first address *host* resolves to; it is listening when returned.
 
@@ -203,6 +209,7 @@ def make_server(
     server.idle_timeout = idle_timeout
     server.write_timeout = write_timeout
     server.allow_reuse_port = reuse_port
+    server.proxy_protocol, server.trusted_proxies = proxy_protocol, trusted_proxies
     try:
         server.server_bind()
         server.server_activate()
