@@ -129,19 +129,23 @@ def _link_names() -> list[str]:
 
 
 def sweep_stale() -> list[str]:
-    """Remove namespaces and links of earlier runs whose process is gone; return their names.
+    """Remove what earlier runs whose process is gone left behind; return what it removed.
 
-    Processes left in such a namespace are killed first: only a dead run's servers can be there.
+    Their namespaces (after killing the processes in them: only a dead run's servers can be
+    there), their links, and the HAProxy that ``tcp_upper.cluster`` ran for them: found by a
+    configuration that names one of those namespaces' addresses.
     """
-    removed = []
+    removed: list[str] = []
+    addresses: set[str] = set()
     namespaces = [line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()]
     for name in namespaces:
         match = NAME.match(name)
         if match and match.group(2) == "n" and not _alive(int(match.group(1))):
-            for pid in ip("netns", "pids", name).split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
             with contextlib.suppress(NetnsError):
+                addresses.update(re.findall(r"inet (\S+)/", ip("-n", name, "-4", "addr")))
+                for pid in ip("netns", "pids", name).split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
                 ip("netns", "del", name)
                 removed.append(name)
     for name in _link_names():
@@ -150,7 +154,28 @@ def sweep_stale() -> list[str]:
             with contextlib.suppress(NetnsError):  # a veth may go with its namespace meanwhile
                 ip("link", "del", name)
                 removed.append(name)
-    return removed
+    return removed + _kill_orphan_haproxy(addresses - {"127.0.0.1"})
+
+
+def _kill_orphan_haproxy(addresses: set[str]) -> list[str]:
+    """Kill each HAProxy whose configuration has a server at one of *addresses*."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if not argv[0].endswith("haproxy") or "-f" not in argv:
+                continue
+            config = Path(argv[argv.index("-f") + 1])
+            servers = re.findall(r"^\s*server \S+ ([\d.]+):", config.read_text(), re.MULTILINE)
+        except (OSError, IndexError, ValueError):
+            continue
+        if addresses.intersection(servers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(f"HAProxy {proc.name}")
+            if config.parent.name.startswith("tcp-upper-cluster-"):
+                shutil.rmtree(config.parent, ignore_errors=True)
+    return killed
 
 
 def pick_subnet() -> ipaddress.IPv4Network:

@@ -86,9 +86,14 @@ def netns_ready() -> Iterator[None]:
 
 
 @pytest.fixture
-def network(netns_ready: None, tmp_path: Path) -> Iterator[netns.Network]:
-    """Three hosts, each with its server listening; everything removed afterwards."""
-    with netns.Network(tmp_path) as net:
+def network(netns_ready: None,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[netns.Network]:
+    """Three hosts, each with its server listening; everything removed afterwards.
+
+    Its directory (server logs, the clients' working directory) comes from the factory, not
+    ``tmp_path``, whose own teardown fails after a Ctrl-C in the test.
+    """
+    with netns.Network(tmp_path_factory.mktemp("netns")) as net:
         net.start_servers([net.add_host() for _ in range(HOSTS)])
         yield net
     assert not net.leftovers(), f"left behind: {net.leftovers()}"
@@ -248,12 +253,11 @@ def _decimal(value: float, digits: int = 1) -> str:
 class Scene:
     """A front over the hosts, clients held open on every host, and the host to break."""
 
-    def __init__(self, network: netns.Network, front: cl.Cluster, tmp_path: Path,
-                 timeout: float) -> None:
+    def __init__(self, network: netns.Network, front: cl.Cluster, timeout: float) -> None:
         self.network, self.front, self.timeout = network, front, timeout
         self.held = open_held(front, HELD, timeout)
         try:
-            self.probes = start_probes(front, PROBES, timeout, tmp_path, clean_env())
+            self.probes = start_probes(front, PROBES, timeout, network.workdir, clean_env())
         except BaseException:
             close_held(self.held)
             raise
@@ -331,13 +335,13 @@ def host_fault(scene: Scene, fault: str, inject: Callable[[netns.Host], None],
 
 
 @pytest.fixture
-def make_scene(network: netns.Network, start_front: Callable[..., cl.Cluster],
-               tmp_path: Path) -> Iterator[Callable[[float], Scene]]:
+def make_scene(network: netns.Network,
+               start_front: Callable[..., cl.Cluster]) -> Iterator[Callable[[float], Scene]]:
     """``make_scene(timeout)``: a front and held clients whose replies may take *timeout*."""
     built: list[Scene] = []
 
     def make(timeout: float) -> Scene:
-        built.append(Scene(network, start_front(), tmp_path, timeout))
+        built.append(Scene(network, start_front(), timeout))
         return built[-1]
 
     yield make
