@@ -35,7 +35,8 @@ QUEUE_LIMIT = 1000
 BATCH = 64
 MAX_PACKET = 65536
 
-Queue = collections.deque  # of (due time, packet)
+#: Packets waiting to enter one device, each with the time it is due.
+Queue = collections.deque[tuple[float, bytes]]
 
 
 def open_tun(name: str) -> int:
@@ -67,7 +68,7 @@ def deliver(fd: int, queue: Queue, now: float) -> None:
 def relay(end_a: int, end_b: int, delay: float, loss: float, control: int) -> None:
     """Copy packets between the two ends until *control* reaches end of file."""
     rng = random.Random()
-    towards = {end_a: Queue(), end_b: Queue()}  # packets waiting to enter that device
+    towards: dict[int, Queue] = {end_a: collections.deque(), end_b: collections.deque()}
     peer = {end_a: end_b, end_b: end_a}
     while True:
         now = time.monotonic()

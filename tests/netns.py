@@ -8,8 +8,8 @@ to a host crosses a real link that the test can break:
 - :meth:`Network.impair` sends a host's traffic through ``netem.py`` (a user-space netem, see
   there why) with a delay and a loss rate; loss 1 is a silent partition. :meth:`Network.heal`
   puts the plain link back.
-- :meth:`Network.kill_server`, :meth:`Network.freeze` / :meth:`Network.thaw` (SIGSTOP /
-  SIGCONT) and :meth:`Network.start_server` act on the server process, always by its PID.
+- :meth:`Network.kill_server` (SIGKILL), :meth:`Network.freeze` / :meth:`Network.thaw`
+  (SIGSTOP / SIGCONT) and :meth:`Network.start_servers` act on server processes, by PID.
 
 Addresses come from 198.18.0.0/15 (RFC 2544, for benchmarks: no real network uses it), one /24
 per run that no interface here already uses. Every name starts with ``tcpu<pid>`` (the test
@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ipaddress
+import itertools
 import os
 import re
 import select
@@ -43,7 +44,7 @@ RUN = f"{PREFIX}{os.getpid()}"
 NAME = re.compile(rf"^{PREFIX}(\d+)([nhwv])\d+$")
 #: Where each host's server listens (its namespace has its own ports: any fixed one works).
 SERVER_PORT = 7000
-RANGE = ipaddress.ip_network("198.18.0.0/15")
+RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 #: Bound on every ``ip`` command and on a server or link starting.
 COMMAND_TIMEOUT = 10.0
 START_TIMEOUT = 15.0
@@ -65,6 +66,15 @@ def ip(*args: str) -> str:
     if done.returncode != 0:
         raise NetnsError(f"ip {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
+
+
+def running(pid: int) -> bool:
+    """True if *pid* runs (a zombie, ended but not yet reaped, does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 _unavailable: list[str | None] = []
@@ -95,16 +105,6 @@ def _probe() -> str | None:
     except NetnsError as exc:
         return f"the kernel refuses network namespaces or veth links: {exc}"
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def our_namespaces(run: str = RUN) -> list[str]:
@@ -140,7 +140,7 @@ def sweep_stale() -> list[str]:
     namespaces = [line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()]
     for name in namespaces:
         match = NAME.match(name)
-        if match and match.group(2) == "n" and not _alive(int(match.group(1))):
+        if match and match.group(2) == "n" and not running(int(match.group(1))):
             with contextlib.suppress(NetnsError):
                 addresses.update(re.findall(r"inet (\S+)/", ip("-n", name, "-4", "addr")))
                 for pid in ip("netns", "pids", name).split():
@@ -150,7 +150,7 @@ def sweep_stale() -> list[str]:
                 removed.append(name)
     for name in _link_names():
         match = NAME.match(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not running(int(match.group(1))):
             with contextlib.suppress(NetnsError):  # a veth may go with its namespace meanwhile
                 ip("link", "del", name)
                 removed.append(name)
@@ -183,7 +183,6 @@ def pick_subnet() -> ipaddress.IPv4Network:
     subnets = list(RANGE.subnets(new_prefix=24))
     for step in range(len(subnets)):
         subnet = subnets[(os.getpid() + step) % len(subnets)]
-        assert isinstance(subnet, ipaddress.IPv4Network)
         if not ip("-o", "-4", "addr", "show", "to", str(subnet)).strip():
             return subnet
     raise NetnsError(f"every /24 of {RANGE} is in use")
@@ -257,7 +256,7 @@ class Network:
         """A new namespace with its veth link, addresses up; no server yet."""
         if len(self.hosts) == self.subnet.num_addresses // 4:
             raise NetnsError(f"{self.subnet} has no /30 left")
-        host = Host(_host_counter.next(), self.subnet.network_address + 4 * len(self.hosts))
+        host = Host(next(_host_numbers), self.subnet.network_address + 4 * len(self.hosts))
         self.hosts.append(host)
         ip("netns", "add", host.namespace)
         ip("link", "add", host.link, "type", "veth", "peer", "name", "eth0",
@@ -295,10 +294,10 @@ class Network:
         path = self.workdir / f"{host.namespace}.log"
         return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
-    def kill_server(self, host: Host, signum: int = signal.SIGKILL) -> None:
-        """Send *signum* to the host's server and wait (bounded) until it is gone."""
+    def kill_server(self, host: Host) -> None:
+        """``kill -9`` the host's server and wait (bounded) until it is gone."""
         assert host.server is not None
-        host.server.send_signal(signum)
+        host.server.kill()
         host.server.wait(STOP_TIMEOUT)
 
     def freeze(self, host: Host) -> None:
@@ -371,31 +370,12 @@ class Network:
 
     def leftovers(self) -> list[str]:
         """What of this network still exists: namespaces, links, running processes."""
-        running = [f"PID {pid}" for pid in self.pids if _running(pid)]
-        return our_namespaces() + our_links() + running
+        processes = [f"PID {pid}" for pid in self.pids if running(pid)]
+        return our_namespaces() + our_links() + processes
 
 
-def _running(pid: int) -> bool:
-    """True if *pid* runs (a zombie, ended but not yet reaped, does not count)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-class _Counter:
-    """Host numbers over the whole run, so a name is never reused while the kernel frees it."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def next(self) -> int:
-        self.value += 1
-        return self.value
-
-
-_host_counter = _Counter()
+#: Host numbers over the whole run, so no name is reused while the kernel may still free it.
+_host_numbers = itertools.count(1)
 _open_networks: list[Network] = []
 
 

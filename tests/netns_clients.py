@@ -50,8 +50,19 @@ def count_wrong(got: bytes, expected: bytes) -> int:
     return sum(a != b for a, b in zip(got, expected)) + max(len(got) - len(expected), 0)
 
 
+class Closed(ConnectionError):
+    """The other end closed before the whole reply came."""
+
+
 def _describe(exc: OSError) -> str:
-    return "timeout" if isinstance(exc, socket.timeout) else type(exc).__name__
+    """A short name for what went wrong, for the figures."""
+    if isinstance(exc, socket.timeout):
+        return "timeout"
+    if isinstance(exc, Closed):
+        return "closed"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    return type(exc).__name__
 
 
 def exchange(sock: socket.socket, text: str, timeout: float) -> Outcome:
@@ -66,13 +77,14 @@ def exchange(sock: socket.socket, text: str, timeout: float) -> Outcome:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             chunk = sock.recv(4096)
             if not chunk:
-                raise ConnectionAbortedError("closed")
+                raise Closed
             got += chunk
     except OSError as exc:
         return Outcome(False, count_wrong(got, expected), _describe(exc))
-    wrong = count_wrong(got, expected)
-    return Outcome(wrong == 0 and got == expected, wrong, "" if got == expected else "short",
-                   time.monotonic() - started)
+    if got == expected:
+        return Outcome(True, seconds=time.monotonic() - started)
+    short = len(got) < len(expected)
+    return Outcome(False, count_wrong(got, expected), "short reply" if short else "wrong reply")
 
 
 def converse(port: int, text: str, timeout: float) -> Outcome:

@@ -105,6 +105,7 @@ def start_front(network: netns.Network) -> Iterator[Callable[..., cl.Cluster]]:
     started: list[cl.Cluster] = []
 
     def start(port: int = 0) -> cl.Cluster:
+        assert HAPROXY is not None  # netns_ready skipped otherwise
         front = cl.Cluster(
             "127.0.0.1", port, haproxy=HAPROXY, instances=0, check=CHECK,
             extra_backends=[host.backend for host in network.hosts], log_level="WARNING",
@@ -119,7 +120,7 @@ def start_front(network: netns.Network) -> Iterator[Callable[..., cl.Cluster]]:
     for front in started:
         pid = front.haproxy_pid
         front.stop()
-        assert pid is None or not netns._running(pid), f"HAProxy {pid} left running"
+        assert pid is None or not netns.running(pid), f"HAProxy {pid} left running"
 
 
 class FiguresReport:
@@ -147,11 +148,6 @@ def figures(request: pytest.FixtureRequest,
 
 
 # -- HAProxy's view ------------------------------------------------------------------------
-
-
-def name_of(network: netns.Network, host: netns.Host) -> str:
-    """HAProxy's name for *host*: the cluster numbers its back ends s1, s2... in order."""
-    return f"s{network.hosts.index(host) + 1}"
 
 
 def all_up(front: cl.Cluster) -> bool:
@@ -272,11 +268,20 @@ class Scene:
         for probe in self.probes:
             probe.stop()
 
-    def probe_results(self, text: str) -> list[tuple[ClientProbe, ClientProbe.Result]]:
-        """End every probe with *text* at once, then collect each exit (bounded)."""
+    def end_all(self, tag: str) -> list[tuple[ClientProbe, ClientProbe.Result]]:
+        """One more line from every client held open, processes and sockets at once; then
+        each process's exit (bounded). The sockets' outcomes are kept on them."""
         for probe in self.probes:
-            probe.end(text)
+            probe.end(f"sigue {tag}")
+        exchange_all(self.held, tag, self.timeout)
         return [(probe, probe.result(self.timeout + 10)) for probe in self.probes]
+
+    def outcomes(self, names: set[str]) -> list[Outcome]:
+        """Every reply the held sockets on servers *names* got (or did not)."""
+        return [outcome for session in on(self.held, names) for outcome in session.outcomes]
+
+    def all_names(self) -> set[str]:
+        return self.others | {self.name}
 
 
 def failed_summary(results: list[ClientProbe.Result], held: list[Outcome], port: int) -> str:
@@ -297,25 +302,20 @@ def host_fault(scene: Scene, fault: str, inject: Callable[[netns.Host], None],
     inject(scene.victim)
     detect = wait_status(front, scene.name, True, fault_at)
     new = converse_many(port, NEW, "durante", scene.timeout)
-    for probe in scene.probes:
-        probe.end("sigue")
-    during = exchange_all(scene.held, "durante", scene.timeout)
-    results = [(probe, probe.result(scene.timeout + 10)) for probe in scene.probes]
+    results = scene.end_all("durante")
     undo(scene.victim)
-    undone_at = time.monotonic()
-    recover = wait_status(front, scene.name, False, undone_at)
+    recover = wait_status(front, scene.name, False, time.monotonic())
     before = sessions_of(front, scene.name)
     after = converse_many(port, NEW, "después", scene.timeout)
     rejoined = sessions_of(front, scene.name) - before
-    healthy = on(scene.held, scene.others)
-    again = exchange_all(healthy, "otra vez", scene.timeout)
+    exchange_all(on(scene.held, scene.others), "otra vez", scene.timeout)
 
-    failed_held = [s.outcomes[-1] for s in on(scene.held, {scene.name})]
-    healthy_outcomes = [o for s in healthy for o in s.outcomes]
+    failed_held = [session.outcomes[-1] for session in on(scene.held, {scene.name})]
+    healthy = scene.outcomes(scene.others)
     assert not errors(new) and not errors(after), (errors(new), errors(after))
-    assert not errors(healthy_outcomes), errors(healthy_outcomes)
+    assert not errors(healthy), errors(healthy)
     assert failed_held and not any(o.ok for o in failed_held), "the fault hit its clients"
-    assert wrong_bytes(new, after, during, again, healthy_outcomes) == 0
+    assert wrong_bytes(new, after, scene.outcomes(scene.all_names())) == 0
     victims = [result for probe, result in results if probe.backend == scene.name]
     assert victims, "a client process was on the failed host"
     for probe, result in results:
@@ -328,8 +328,8 @@ def host_fault(scene: Scene, fault: str, inject: Callable[[netns.Host], None],
         "fault": fault, "detect_s": detect, "recover_s": recover,
         "new_after_detect": share(new), "new_after_recovery": share(after),
         "failed_clients": failed_summary(victims, failed_held, port),
-        "healthy_errors": len(errors(healthy_outcomes)),
-        "wrong_bytes": wrong_bytes(new, after, during, again, healthy_outcomes),
+        "healthy_errors": len(errors(healthy)),
+        "wrong_bytes": wrong_bytes(new, after, scene.outcomes(scene.all_names())),
         "notes": f"{rejoined} clientes nuevos al host tras volver",
     }
 
@@ -387,13 +387,12 @@ def test_degraded_link_stays_correct(make_scene: Callable[[float], Scene],
     states = StateLog(scene.front, scene.name)
     network.impair(scene.victim, delay=0.1, loss=0.05)
     new = converse_many(port, NEW, "lento", DEGRADED_TIMEOUT)
-    results = scene.probe_results("sigue")
-    exchange_all(scene.held, "lento", DEGRADED_TIMEOUT)
+    results = scene.end_all("lento")
     network.heal(scene.victim)
     downs = states.downs()
     after = converse_many(port, NEW, "curado", CLIENT_TIMEOUT)
 
-    every = [o for session in scene.held for o in session.outcomes]
+    every = scene.outcomes(scene.all_names())
     assert not errors(new) and not errors(after) and not errors(every), (
         errors(new), errors(after), errors(every))
     assert wrong_bytes(new, after, every) == 0
@@ -403,16 +402,15 @@ def test_degraded_link_stays_correct(make_scene: Callable[[float], Scene],
     fast = [s.outcomes[-1].seconds for s in on(scene.held, scene.others)]
     # Each line crosses the link twice, 100 ms each way: proof the link was degraded.
     assert slow and min(slow) >= 0.15, slow
+    probes = sum(probe.backend == scene.name for probe in scene.probes)
     figures.append({
         "fault": "degradado: 100 ms de retardo y 5 % de pérdida en cada sentido",
         "detect_s": None, "recover_s": None,
         "new_after_detect": share(new), "new_after_recovery": share(after),
-        "failed_clients": f"siguen bien: {len(slow)} sockets y "
-                          f"{sum(p.backend == scene.name for p in scene.probes)} "
-                          f"tcp_upper.client; {_decimal(statistics.median(slow), 2)} s por línea "
+        "failed_clients": f"siguen bien: {len(slow)} sockets y {probes} tcp_upper.client; "
+                          f"{_decimal(statistics.median(slow), 2)} s por línea "
                           f"(hosts sanos: {_decimal(statistics.median(fast), 3)} s)",
-        "healthy_errors": len(errors([o for s in on(scene.held, scene.others)
-                                      for o in s.outcomes])),
+        "healthy_errors": len(errors(scene.outcomes(scene.others))),
         "wrong_bytes": wrong_bytes(new, after, every),
         "notes": f"HAProxy lo marcó DOWN {downs} veces",
     })
@@ -426,12 +424,12 @@ def test_front_killed_then_restarted(scene: Scene, start_front: Callable[..., cl
     assert haproxy is not None
     killed_at = time.monotonic()
     os.kill(haproxy, signal.SIGKILL)
-    wait_until(lambda: not netns._running(haproxy), what="HAProxy gone")
+    wait_until(lambda: not netns.running(haproxy), what="HAProxy gone")
     back: list[float] = []
     retrying = threading.Thread(target=reconnect, args=(port, killed_at, back), daemon=True)
     retrying.start()
-    results = scene.probe_results("sigue")
-    during = exchange_all(scene.held, "sin proxy", CLIENT_TIMEOUT)
+    results = scene.end_all("sin proxy")
+    during = [session.outcomes[-1] for session in scene.held]
     restarted_at = time.monotonic()
     start_front(port)  # returns once every server is UP
     recover = round(time.monotonic() - restarted_at, 2)
@@ -447,7 +445,7 @@ def test_front_killed_then_restarted(scene: Scene, start_front: Callable[..., cl
     # The servers did not notice: the same processes, still listening, nothing logged amiss.
     assert [host.pid for host in network.hosts] == servers
     for host in network.hosts:
-        assert netns._running(host.pid) and netns.listens(host.pid, netns.SERVER_PORT)
+        assert netns.running(host.pid) and netns.listens(host.pid, netns.SERVER_PORT)
         assert "Traceback" not in network.server_log(host)
     figures.append({
         "fault": "kill -9 de HAProxy, y otro en el mismo puerto",
