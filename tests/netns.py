@@ -83,11 +83,12 @@ _unavailable: list[str | None] = []
 def unavailable() -> str | None:
     """Why hosts cannot be made here (a skip reason), or None; probed once per run."""
     if not _unavailable:
-        _unavailable.append(_probe())
+        _unavailable.append(probe())
     return _unavailable[0]
 
 
-def _probe() -> str | None:
+def probe() -> str | None:
+    """Why hosts cannot be made here, found by making one (and removing it); None if they can."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     if shutil.which("ip") is None:

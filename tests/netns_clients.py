@@ -15,6 +15,7 @@ Which server a client landed on is read from HAProxy's ``show sess`` by the clie
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import socket
@@ -24,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import IO, Callable, TypeVar
 
 from conftest import wait_until
 
@@ -153,14 +154,13 @@ def open_held(front: cl.Cluster, count: int, timeout: float) -> list[Held]:
     return held
 
 
-def exchange_all(held: list[Held], tag: str, timeout: float) -> list[Outcome]:
-    """One line on every held client at once (a dead one costs its timeout, not the sum)."""
-    def one(i: int) -> Outcome:
-        outcome = exchange(held[i].sock, f"{tag} {i}", timeout)
-        held[i].outcomes.append(outcome)
-        return outcome
+def exchange_all(held: list[Held], tag: str, timeout: float) -> None:
+    """One line on every held client at once (a dead one costs its timeout, not the sum);
+    each outcome is added to its client's."""
+    def one(i: int) -> None:
+        held[i].outcomes.append(exchange(held[i].sock, f"{tag} {i}", timeout))
 
-    return in_parallel(one, len(held))
+    in_parallel(one, len(held))
 
 
 def close_held(held: list[Held]) -> None:
@@ -199,9 +199,10 @@ class ClientProbe:
             reader.start()
 
     @staticmethod
-    def _read(stream: object, sink: list[str]) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            sink.append(line.rstrip("\n"))
+    def _read(stream: IO[str], sink: list[str]) -> None:
+        with stream:
+            for line in stream:
+                sink.append(line.rstrip("\n"))
 
     def say(self, text: str) -> None:
         assert self.process.stdin is not None
@@ -232,12 +233,10 @@ class ClientProbe:
     def end(self, text: str) -> None:
         """Send a last line and end the input: the client replies to it, then disconnects."""
         self._ended = time.monotonic()
-        try:
+        with contextlib.suppress(BrokenPipeError):  # it already exited: its output says why
             self.say(text)
             assert self.process.stdin is not None
             self.process.stdin.close()
-        except BrokenPipeError:
-            pass  # it already exited: its output says why
 
     def result(self, timeout: float) -> ClientProbe.Result:
         """Wait (at most *timeout*) for the client to exit after :meth:`end`; kill it if not."""
@@ -248,15 +247,20 @@ class ClientProbe:
             hung = True
             self.stop()
         seconds = time.monotonic() - self._ended
-        for reader in self._readers:
-            reader.join(5)
+        self.stop()
         return ClientProbe.Result(self.process.returncode, round(seconds, 2), hung,
                                   list(self.stdout), list(self.stderr))
 
     def stop(self) -> None:
+        """Kill it if it still runs (by PID), and wait for its output to be read."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        for reader in self._readers:
+            reader.join(5)
 
 
 def start_probes(front: cl.Cluster, count: int, timeout: float, cwd: Path,

@@ -16,10 +16,12 @@ HAProxy is missing. Reproduce the figures with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -466,3 +468,40 @@ def reconnect(port: int, since: float, back: list[float]) -> None:
             back.append(time.monotonic() - since)
             return
         time.sleep(0.05)
+
+
+# -- the harness itself --------------------------------------------------------------------
+
+
+def test_sweep_removes_what_a_dead_run_left(netns_ready: None) -> None:
+    # Past Linux's largest PID (2**22): no process can have it, so this "run" is dead.
+    dead = f"{netns.PREFIX}{2**22 + 1}"
+    netns.ip("netns", "add", f"{dead}n1")
+    netns.ip("link", "add", f"{dead}h1", "type", "veth", "peer", "name", "eth0",
+             "netns", f"{dead}n1")
+    inside = subprocess.Popen(["ip", "netns", "exec", f"{dead}n1", "sleep", "60"])
+    try:
+        wait_until(lambda: str(inside.pid) in netns.ip("netns", "pids", f"{dead}n1").split(),
+                   what="the process inside the namespace")
+        assert f"{dead}n1" in netns.sweep_stale()
+        assert inside.wait(5) == -signal.SIGKILL
+        assert not netns.our_namespaces(dead)
+        # The veth goes with its namespace (the kernel may take a moment), or the sweep took it.
+        wait_until(lambda: not netns.our_links(dead), what="the dead run's veth gone")
+    finally:
+        inside.kill()
+        inside.wait(5)
+        with contextlib.suppress(netns.NetnsError):
+            netns.ip("netns", "del", f"{dead}n1")
+
+
+@pytest.mark.parametrize(("euid", "ip", "reason"), [
+    (1000, "/usr/sbin/ip", "need root"),
+    (0, None, "apt-get install iproute2"),
+])
+def test_where_hosts_cannot_be_made_the_reason_says_why(
+        monkeypatch: pytest.MonkeyPatch, euid: int, ip: str | None, reason: str) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: euid)
+    monkeypatch.setattr("shutil.which", lambda name: ip)
+    why = netns.probe()
+    assert why is not None and reason in why
