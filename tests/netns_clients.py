@@ -9,7 +9,8 @@ Three kinds, all through HAProxy's front on loopback:
 
 Every reply is compared byte by byte with the upper-case of what was sent: a reply that is
 late or missing is an error, a byte that differs is a *wrong byte*, and those must never happen.
-Which server a client landed on is read from HAProxy's ``show sess`` by the client's port.
+Which server a client landed on is read from HAProxy's ``show sess`` by the client's port, and
+the servers' states from its ``show stat``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from tcp_upper import cluster as cl
 
 T = TypeVar("T")
 WORKERS = 16
+#: Bound on any single wait for the cluster to change state; far above the expected ~2 s.
+STATE_TIMEOUT = 15.0
 SESSION = re.compile(r"src=127\.0\.0\.1:(\d+) fe=\S+ be=\S+ srv=(\S+)")
 
 
@@ -280,3 +283,47 @@ def start_probes(front: cl.Cluster, count: int, timeout: float, cwd: Path,
             probe.stop()
         raise
     return probes
+
+
+# -- HAProxy's view ------------------------------------------------------------------------
+
+
+def all_up(front: cl.Cluster) -> bool:
+    return all(state["status"] == "UP" for state in front.server_states().values())
+
+
+def wait_status(front: cl.Cluster, name: str, down: bool, since: float) -> float:
+    """Wait until HAProxy shows *name* DOWN (or fully UP); seconds from *since* to then."""
+    def reached() -> bool:
+        status = front.server_states()[name]["status"]
+        return status.startswith("DOWN") if down else status == "UP"
+
+    wait_until(reached, STATE_TIMEOUT, f"{name} {'DOWN' if down else 'UP'} in show stat")
+    return round(time.monotonic() - since, 2)
+
+
+def sessions_of(front: cl.Cluster, name: str) -> int:
+    """Sessions HAProxy has sent to server *name* so far (checks not included)."""
+    return int(front.server_states()[name]["stot"])
+
+
+class StateLog:
+    """Polls ``show stat`` in a thread: how often a server went DOWN during a window."""
+
+    def __init__(self, front: cl.Cluster, name: str) -> None:
+        self.front, self.name = front, name
+        self.statuses: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            self.statuses.append(self.front.server_states()[self.name]["status"])
+
+    def downs(self) -> int:
+        """Stop polling; the number of times the server went from not DOWN to DOWN."""
+        self._stop.set()
+        self._thread.join(5)
+        flags = [status.startswith("DOWN") for status in self.statuses]
+        return sum(1 for before, now in zip([False, *flags], flags) if now and not before)

@@ -32,15 +32,20 @@ import netns
 import pytest
 from conftest import clean_env, wait_until
 from netns_clients import (
+    STATE_TIMEOUT,
     ClientProbe,
     Held,
     Outcome,
+    StateLog,
+    all_up,
     close_held,
     converse,
     converse_many,
     exchange_all,
     open_held,
+    sessions_of,
     start_probes,
+    wait_status,
 )
 
 from tcp_upper import cluster as cl
@@ -57,8 +62,6 @@ NEW = 60  # new clients per phase
 CLIENT_TIMEOUT = 3.0  # the probes' --timeout, and the held clients' wait for a reply
 #: The same on a degraded link, where a lost segment waits for TCP's retransmission.
 DEGRADED_TIMEOUT = 10.0
-#: Bound on any single wait for the cluster to change state; far above the expected ~2 s.
-STATE_TIMEOUT = 15.0
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -147,48 +150,6 @@ def figures(request: pytest.FixtureRequest,
     request.config.pluginmanager.register(FiguresReport(rows, path), "netns-figures")
     yield rows
     path.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-# -- HAProxy's view ------------------------------------------------------------------------
-
-
-def all_up(front: cl.Cluster) -> bool:
-    return all(state["status"] == "UP" for state in front.server_states().values())
-
-
-def wait_status(front: cl.Cluster, name: str, down: bool, since: float) -> float:
-    """Wait until HAProxy shows *name* DOWN (or fully UP); seconds from *since* to then."""
-    def reached() -> bool:
-        status = front.server_states()[name]["status"]
-        return status.startswith("DOWN") if down else status == "UP"
-
-    wait_until(reached, STATE_TIMEOUT, f"{name} {'DOWN' if down else 'UP'} in show stat")
-    return round(time.monotonic() - since, 2)
-
-
-def sessions_of(front: cl.Cluster, name: str) -> int:
-    return int(front.server_states()[name]["stot"])
-
-
-class StateLog:
-    """Polls ``show stat`` in a thread: how often a server went DOWN during a window."""
-
-    def __init__(self, front: cl.Cluster, name: str) -> None:
-        self.front, self.name = front, name
-        self.statuses: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            self.statuses.append(self.front.server_states()[self.name]["status"])
-
-    def downs(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        flags = [status.startswith("DOWN") for status in self.statuses]
-        return sum(1 for before, now in zip([False, *flags], flags) if now and not before)
 
 
 # -- what the clients saw ------------------------------------------------------------------
