@@ -277,7 +277,9 @@ class Network:
                 host.server = subprocess.Popen(
                     ["ip", "netns", "exec", host.namespace,  # ip execs it: the same PID
                      sys.executable, "-m", "tcp_upper.server", "--host", host.address,
-                     "--port", str(SERVER_PORT), "--log-level", "WARNING"],
+                     "--port", str(SERVER_PORT), "--log-level", "WARNING",
+                     # as behind a real front: PROXY v2 from HAProxy's side of the link only
+                     "--proxy-protocol", "--trusted-proxies", f"{host.gateway}/32"],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     cwd=self.workdir, env=self._env,  # no config.env there, no TCP_UPPER_*
                 )

@@ -55,7 +55,7 @@ HAPROXY = cl.find_haproxy()
 #: time out after ``inter``, one ``inter`` apart, plus up to one ``inter`` of waiting for the
 #: first); a refused check is quicker. With inter 1 s it took 3.6-4 s, past the 3 s goal, and
 #: still 3.3-3.6 s with ``timeout check 300ms``: ``inter`` is what counts (docs/CLUSTER.md).
-CHECK = cl.HealthCheck(inter_ms=500, fall=2, rise=2)
+CHECK = cl.HealthCheck()  # the shipped checks: inter 500ms, fall 2, rise 2, timeout check 1s
 HOSTS = 3
 HELD = 30  # in-process clients held open through the front: ten per host
 PROBES = 6  # tcp_upper.client processes held open through the front: two per host
@@ -176,7 +176,8 @@ def assert_clean_error(result: ClientProbe.Result, port: int) -> None:
     """A probe on a failed host: exit 1 and one line naming the front, within its timeout."""
     assert not result.hung, f"the client hung: {result}"
     assert result.code == 1, result
-    assert len(result.stderr) == 1 and result.stderr[0].startswith("Error: "), result
+    assert len(result.stderr) == 1, result
+    assert result.stderr[0].startswith("tcp-upper-client: error: "), result
     assert f"127.0.0.1:{port}" in result.stderr[0] and "Traceback" not in result.stderr[0]
 
 
