@@ -52,7 +52,9 @@ def _parse_host(text: str) -> str:
     return text
 
 
-def _parse_int(low: int, high: int) -> Callable[[str], int]:
+def parse_int(low: int, high: int) -> Callable[[str], int]:
+    """A parser of whole numbers in [*low*, *high*]; ValueError with the reason in Spanish."""
+
     def parse(text: str) -> int:
         try:
             value = int(text.strip(), 10)
@@ -69,7 +71,8 @@ def _parse_int(low: int, high: int) -> Callable[[str], int]:
 MAX_SECONDS = 10_000_000
 
 
-def _parse_seconds(text: str, *, zero_is_off: bool) -> float | None:
+def parse_seconds(text: str, *, zero_is_off: bool) -> float | None:
+    """Seconds, positive and at most MAX_SECONDS (0 is None when *zero_is_off*); ValueError."""
     try:
         value = float(text.strip())
     except ValueError:
@@ -91,13 +94,13 @@ def _parse_log_level(text: str) -> str:
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "host": _parse_host,
-    "port": _parse_int(0, 65535),
-    "max_clients": _parse_int(1, 1_000_000),
-    "idle_timeout": lambda text: _parse_seconds(text, zero_is_off=True),
-    "write_timeout": lambda text: _parse_seconds(text, zero_is_off=False),
+    "port": parse_int(0, 65535),
+    "max_clients": parse_int(1, 1_000_000),
+    "idle_timeout": lambda text: parse_seconds(text, zero_is_off=True),
+    "write_timeout": lambda text: parse_seconds(text, zero_is_off=False),
     "log_level": _parse_log_level,
-    "timeout": lambda text: _parse_seconds(text, zero_is_off=False),
-    "workers": _parse_int(1, 256),
+    "timeout": lambda text: parse_seconds(text, zero_is_off=False),
+    "workers": parse_int(1, 256),
 }
 
 _HELP = {

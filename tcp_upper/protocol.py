@@ -111,6 +111,18 @@ def _command_line_pattern(*, at_start: bool) -> re.Pattern[bytes]:
 # A complete command line, in the lower-cased chunk; the first form when the chunk begins a line.
 _COMMAND_LINE_AT_START = _command_line_pattern(at_start=True)
 _COMMAND_LINE = _command_line_pattern(at_start=False)
+# Where a command line could end: a superset of both patterns at the same "conexi", searched
+# first because it rejects look-alikes (DESCONEXIONES) without any look-behind, so a chunk of
+# them costs a fraction of the full pattern; the full one then starts from the first candidate.
+_COMMAND_END = re.compile(rb"conexi(?:" + rb"|".join(_O_FORMS) + rb")n[ \t\r\n]")
+
+# Upper case of text whose code points are all below U+0100 (Spanish, most Western European
+# text), as a table over its Latin-1 bytes: str.upper() takes a slow per-character path on such
+# text, a translation and two codec calls cost a fraction. µ (U+00B5 upper-cases to U+039C),
+# ß ("SS") and ÿ (U+0178) leave Latin-1, so text holding them takes the general path.
+_LATIN1_UPPER = bytes.maketrans(bytes(range(256)), "".join(
+    c if c in "\xb5\xdf\xff" else c.upper() for c in map(chr, range(256))).encode("latin-1"))
+_LATIN1_LEAVING = (b"\xb5", b"\xdf", b"\xff")  # searched with `in`: memchr, unlike a regex set
 
 # Longest line start, in UTF-8 bytes, that _classify can call anything but text.
 _MAX_HELD_BYTES = 4 * MAX_HELD + 3  # + a split character's first bytes
@@ -211,7 +223,10 @@ class UpperProtocol:
             pattern = _COMMAND_LINE_AT_START
         else:
             chunk, pattern = data, _COMMAND_LINE
-        match = pattern.search(chunk.lower())
+        lowered = chunk.lower()
+        match = _COMMAND_END.search(lowered)
+        if match is not None:
+            match = pattern.search(lowered, match.start())
         if match is not None:
             line = chunk.rfind(b"\n", 0, match.start()) + 1
             return self._close(self._upper(chunk[:line]), command=True)
@@ -266,12 +281,31 @@ class UpperProtocol:
         return True
 
     def _upper(self, data: bytes) -> bytes:
-        """Upper-case *data* in one call: ``bytes.upper`` for ASCII, else decode it whole."""
-        if self._decoder_empty and data.isascii():
-            return data.upper()
+        """Upper-case *data* in one call: ``bytes.upper`` for ASCII, a table for Latin-1 text,
+        else decode it whole (a split last character waits in the decoder)."""
+        if self._decoder_empty:
+            if data.isascii():
+                return data.upper()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                pass  # not UTF-8, or a split last character: the decoder below deals with it
+            else:
+                return _upper_text(text)
         text = self._decoder.decode(data)
         self._decoder_empty = not self._decoder.getstate()[0]
         return _encode(text)
+
+
+def _upper_text(text: str) -> bytes:
+    """``_encode(text)``, through the Latin-1 table when every code point allows it."""
+    try:
+        latin = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return _encode(text)
+    if any(byte in latin for byte in _LATIN1_LEAVING):
+        return _encode(text)
+    return latin.translate(_LATIN1_UPPER).decode("latin-1").encode("utf-8")
 
 
 def _encode(text: str) -> bytes:
