@@ -122,7 +122,15 @@ _COMMAND_END = re.compile(rb"conexi(?:" + rb"|".join(_O_FORMS) + rb")n[ \t\r\n]"
 # ß ("SS") and ÿ (U+0178) leave Latin-1, so text holding them takes the general path.
 _LATIN1_UPPER = bytes.maketrans(bytes(range(256)), "".join(
     c if c in "\xb5\xdf\xff" else c.upper() for c in map(chr, range(256))).encode("latin-1"))
-_LATIN1_LEAVING = (b"\xb5", b"\xdf", b"\xff")  # searched with `in`: memchr, unlike a regex set
+_LATIN1_LEAVING = (0xB5, 0xDF, 0xFF)  # `int in bytes` is a memchr (unlike a regex set)
+
+# Every spelling of the command has an x or X: a chunk without either holds no command line.
+# (Integers: `int in bytes` is a memchr, `bytes in bytes` first tries int() and fails.)
+_X, _UPPER_X = ord("x"), ord("X")
+
+# The bytes a command line can start with: a blank or the D of the word (any other first code
+# point, a split one included, makes the line text).
+_MAY_START_COMMAND = frozenset(b" \tdD")
 
 # Longest line start, in UTF-8 bytes, that _classify can call anything but text.
 _MAX_HELD_BYTES = 4 * MAX_HELD + 3  # + a split character's first bytes
@@ -217,16 +225,23 @@ class UpperProtocol:
         """
         if self._closed or not data:
             return Reply(b"", self._closed)
+        if (data.endswith(b"\n") and not self._held and self._decoder_empty and data.isascii()
+                and _X not in data and _UPPER_X not in data):
+            # The usual request: whole ASCII lines, none with the X every command has.
+            self._at_line_start = True
+            return Reply(data.upper(), False)
         if self._at_line_start:
             chunk = self._held + data if self._held else data
             self._held, self._holding = b"", False
             pattern = _COMMAND_LINE_AT_START
         else:
             chunk, pattern = data, _COMMAND_LINE
-        lowered = chunk.lower()
-        match = _COMMAND_END.search(lowered)
-        if match is not None:
-            match = pattern.search(lowered, match.start())
+        match = None
+        if _X in chunk or _UPPER_X in chunk:  # memchr: most small chunks have no X: no copy
+            lowered = chunk.lower()
+            match = _COMMAND_END.search(lowered)
+            if match is not None:
+                match = pattern.search(lowered, match.start())
         if match is not None:
             line = chunk.rfind(b"\n", 0, match.start()) + 1
             return self._close(self._upper(chunk[:line]), command=True)
@@ -272,7 +287,10 @@ class UpperProtocol:
 
     def _hold(self, line: bytes) -> bool:
         """Hold back *line*, the start of the current line, if it could still be the command."""
-        if len(line) > _MAX_HELD_BYTES:
+        if not line:  # the chunk ended with its newline: the next one starts a line
+            self._held, self._holding, self._at_line_start = b"", False, True
+            return True
+        if line[0] not in _MAY_START_COMMAND or len(line) > _MAX_HELD_BYTES:
             return False
         text = codecs.utf_8_decode(line, _ERRORS, False)[0]  # a split last character waits
         if _classify(text) is _Line.TEXT:
