@@ -18,6 +18,7 @@
 #   SECS=3  SCENARIOS="1:1:14 100:1:14 10:64:14 4:16:4096 2000:1:14"
 #   PAYLOADS="ascii spanish d-lines blank-start non-ascii near-miss random-bytes"
 #   PAYLOAD_SERVERS='^(tcp_upper|before)'  PYTHON=.venv/bin/python (else python3)
+#   ROUNDS=1 (repeat everything, for a noisy machine: quote ratios of rows of one round)
 # The load generator is benchmarks/loadgen.c (built with cc into benchmarks/build); without a C
 # compiler it is tcp-upper-bench (Python: slower, so compare rows of one run only).
 # Figures from one machine and one run are comparable with each other, not with another run's.
@@ -125,10 +126,16 @@ row() {  # row NAME COMMAND SCENARIO [CLASS]
 
 printf '%-16s %-22s %10s %9s %9s %10s %10s %9s %s\n' server conns:depth:len req_per_s \
   MB_per_s p50_us p99_us max_us connect_s result
-for spec in "$@"; do
-  name=${spec%%=*}; cmd=${spec#*=}
-  for sc in $scenarios; do row "$name" "$cmd" "$sc"; done
-  if [[ $name =~ $payload_servers ]]; then
-    for class in $payloads; do row "$name" "$cmd" "1:16:4096:$class" "$class"; done
-  fi
+# Scenario by scenario, every server in turn: rows to compare run minutes apart at most.
+for round in $(seq "${ROUNDS:-1}"); do
+  [ "${ROUNDS:-1}" -gt 1 ] && echo "# round $round"
+  for sc in $scenarios; do
+    for spec in "$@"; do row "${spec%%=*}" "${spec#*=}" "$sc"; done
+  done
+  for class in $payloads; do
+    for spec in "$@"; do
+      name=${spec%%=*}
+      [[ $name =~ $payload_servers ]] && row "$name" "${spec#*=}" "1:16:4096:$class" "$class"
+    done
+  done
 done

@@ -19,13 +19,16 @@ wrapper, no edit), to compare values side by side.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import multiprocessing
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -70,6 +73,11 @@ def stop_server(proc: subprocess.Popen[bytes]) -> tuple[float, int]:
         proc.kill()
         status = proc.wait()
     return time.monotonic() - start, status
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes we sent that the server's kernel has not acknowledged yet (SIOCOUTQ)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0])
 
 
 def _drain(sock: socket.socket, expected_total: int | None, result: list[int]) -> None:
@@ -169,14 +177,19 @@ def stop_with_streams(root: Path, switch: float | None, clients: int = 20) -> st
         sender.start()
     for sender in senders:
         sender.join(DEADLINE)
+    deadline = time.monotonic() + DEADLINE  # "have sent": acknowledged by the server's kernel
+    while any(map(_unacknowledged, socks)) and time.monotonic() < deadline:
+        time.sleep(0.001)
     took, status = stop_server(proc)
     for reader in readers:
         reader.join(DEADLINE)
     for sock in socks:
         sock.close()
     whole = sum(result == [STOP_BYTES, 0] for result in results)
+    least = min(result[0] if result else 0 for result in results)
     return (f"stop: {clients} clients x {STOP_BYTES // 1024} KiB of d-lines, exit {status} "
-            f"in {took:.2f} s after SIGTERM; {whole}/{clients} got every reply, then the close")
+            f"in {took:.2f} s after SIGTERM; {whole}/{clients} got every reply, then the close "
+            f"(least answered: {least} bytes)")
 
 
 def mass_leave(root: Path, switch: float | None, count: int) -> str:
