@@ -6,6 +6,9 @@ How it measures, and why:
   to all of them have arrived, checks every byte, and only then sends the next batch. Throughput
   is what the server sustains for that many clients of that shape; latency is what they see.
 - **Round trip of a line** = from sending its batch to the arrival of the last byte of its reply.
+  The tail is reported too (p99.9, maximum), and per connection the **time to first reply**:
+  from the start of its connect to the first byte of its first reply, which is what a client
+  of a server swamped by new connections waits.
 - **The tool must not be the bottleneck it measures.** Per process, one thread drives every
   connection with non-blocking sockets and :mod:`selectors`; payloads and their expected replies
   are built once per connection; a batch is checked with one ``bytes ==``; latencies go into a
