@@ -718,3 +718,15 @@ def test_big_chunks_of_one_line_repeated_match_the_reference(line: bytes) -> Non
         chunks = [data[i:i + size] for i in range(0, len(data), size)]
         check_same_as_reference([*chunks, b"  DESCONEXION\r\n", b"after"],
                                 [False] * (len(chunks) + 2), eof=True)
+
+
+@pytest.mark.parametrize("line", COMMAND_LINES + ORDINARY_LINES)
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_a_line_among_kilobytes_of_text_is_found_as_the_reference_finds_it(
+        line: str, ending: bytes) -> None:
+    """One candidate in a big chunk (the sparse path of the scan), or many (the dense one)."""
+    filler = "hola, ¿qué tal la conexión?\n".encode() * 150  # ~4 KiB, "conexi" now and then
+    data = filler + line.encode() + ending + filler
+    check_same_as_reference([data], [False], eof=False)
+    near_misses = b"DESCONEXIONES\n" * 300  # "conexi" on every line
+    check_same_as_reference([near_misses + line.encode() + ending + filler], [False], eof=True)
