@@ -321,16 +321,22 @@ class UpperProtocol:
 
     def _upper(self, data: bytes) -> bytes:
         """Upper-case *data* in one call: ``bytes.upper`` for ASCII, a table for Latin-1 text,
-        else decode it whole (a split last character waits in the decoder)."""
-        if self._decoder_empty:
-            if data.isascii():
-                return data.upper()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                pass  # not UTF-8, or a split last character: the decoder below deals with it
-            else:
-                return _upper_text(text)
+        else decode it whole; the first bytes of a character split by the read wait."""
+        if not self._decoder_empty:  # the start of a split character, completed here
+            data = self._decoder.getstate()[0] + data
+            self._decoder.reset()
+            self._decoder_empty = True
+        if data.isascii():
+            return data.upper()
+        try:
+            text, used = codecs.utf_8_decode(data, "strict", False)
+        except UnicodeDecodeError:
+            pass  # not UTF-8: the decoder below escapes what is not
+        else:
+            if used < len(data):  # a character split by the read: its start waits
+                self._decoder.decode(data[used:])
+                self._decoder_empty = False
+            return _upper_text(text)
         text = self._decoder.decode(data)
         self._decoder_empty = not self._decoder.getstate()[0]
         return _encode(text)
