@@ -42,7 +42,7 @@ DEFAULT_INSTANCES = 3
 #: Where the local instances listen: only HAProxy needs to reach them.
 BACKEND_HOST = "127.0.0.1"
 #: HAProxy's connection cap (process and front end). A proxied client costs HAProxy two
-#: descriptors; 4096 clients fit a usual 20k hard limit and cover ../shared/bench's 2000.
+#: descriptors; 4096 clients fit a usual 20k hard limit and cover benchmarks/compare.sh's 2000.
 DEFAULT_MAXCONN = 4096
 #: Proxy inactivity limit when the servers' idle timeout is off: people at a client may think
 #: for minutes, so an hour; TCP keepalive on both sides notices dead peers well before.

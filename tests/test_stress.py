@@ -932,7 +932,7 @@ def test_a_signal_with_hundreds_connected_closes_each_in_order(
     print(f"{clients} clients, stopped in {elapsed:.2f} s")
 
 
-#: The capacity SPEC section 1 asks the defaults to reach (so ../shared/bench runs).
+#: The capacity SPEC section 1 asks the defaults to reach (so benchmarks/compare.sh runs).
 SPEC_CAPACITY = 4096
 
 
