@@ -730,3 +730,14 @@ def test_a_line_among_kilobytes_of_text_is_found_as_the_reference_finds_it(
     check_same_as_reference([data], [False], eof=False)
     near_misses = b"DESCONEXIONES\n" * 300  # "conexi" on every line
     check_same_as_reference([near_misses + line.encode() + ending + filler], [False], eof=True)
+
+
+@pytest.mark.parametrize("extra", ["", "\u00b5", "\u00df", "\u00ff", "\u0100", "\udcff"])
+def test_latin1_text_is_upper_cased_as_str_upper_does_whatever_else_it_holds(extra: str) -> None:
+    """The Latin-1 table agrees with str.upper() on every code point below U+0100, and text
+    holding one it cannot map (µ, ß, ÿ) or beyond Latin-1 (or not UTF-8) takes the long way."""
+    text = "".join(chr(c) for c in range(0x20, 0x100)) + extra + "\n"
+    data = text.encode("utf-8", "surrogateescape")
+    expected = text.upper().encode("utf-8", "surrogateescape")
+    assert feed_all([data]) == Reply(expected, False)
+    assert feed_all(split(data, [7, 99, 100, 250])) == Reply(expected, False)  # split chars
