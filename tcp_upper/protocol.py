@@ -4,7 +4,7 @@ A :class:`UpperProtocol` is fed whatever a socket read returned and answers with
 back and whether the client asked to leave. It knows nothing of sockets, threads, clocks or
 logging, so every rule here can be tested by feeding it bytes in any chunking.
 
-Rules (the contract is SPEC.md section 1):
+Rules (the contract is docs/PROTOCOL.md section 1):
 
 - Every byte is answered as soon as it arrives, upper-cased (Unicode rules for UTF-8 text; bytes
   that are not UTF-8 pass through unchanged). No framing is added or removed: line endings are
@@ -47,16 +47,105 @@ MAX_HELD = MAX_BLANKS + max(len(unicodedata.normalize("NFD", c)) for c in COMMAN
 _BLANKS = " \t"
 _TRAILING_BLANKS = " \t\r"  # the CR of a CRLF counts as a trailing blank
 
-# A newline after which the next line could be the command: only D/d case-fold to "d", and NFC
-# cannot turn any other first character into one. A cheap superset filter; _classify decides.
-_SUSPECT_LINE_START = re.compile(rf"\n(?=[ \t]{{0,{MAX_BLANKS}}}(?:[dD]|\Z))")
+# --- Finding the command in a chunk at C speed ------------------------------------------------
+#
+# The lines that _classify calls the command are exactly: up to MAX_BLANKS spaces or tabs, the
+# word, up to MAX_BLANKS spaces, tabs or CRs. In the word, after NFC and case folding, each letter
+# can only be written as the ASCII letter in either case, except that S may also be LATIN SMALL
+# LETTER LONG S (U+017F, case-folds to "s") and the last O may also be Ó or ó composed, or O/o
+# followed by U+0301 COMBINING ACUTE ACCENT or U+0341 COMBINING ACUTE TONE MARK (NFC maps it to
+# U+0301). tests/test_protocol.py derives that list again from _classify over every code point.
+#
+# The scan runs on ``bytes.lower()`` of the chunk (ASCII letters only: UTF-8 multi-byte sequences
+# never contain ASCII bytes, so nothing else moves) and starts at the literal "conexi" that every
+# form contains: the regular expression engine skips to it without starting a match at every
+# line, so a chunk of short lines ("d\n" a million times) costs one pass in C. From there the
+# pattern reads the end of the word and the blank or newline that must follow it (so the near
+# miss DESCONEXIONES stops there), then fixed-width look-behinds check "de" + s or U+017F and walk
+# the blanks back to the line start one at a time (a chain, so a non-blank stops it at once),
+# and the rest checks the trailing blanks and the newline. Only complete lines are found here:
+# the unfinished last line of a chunk is classified by _classify.
+_S_FORMS = (b"s", "\u017f".encode())
+# The last O: plain, composed (Ó, ó: 2 bytes) or followed by U+0301 / U+0341 (3 bytes).
+_O_FORMS = (b"o", rb"\xc3[\x93\xb3]", rb"o[\xcc\xcd]\x81")
 
-# A coarser filter for the ASCII fast path, on bytes: a newline followed by a blank or a D.
-# (No lookahead, so it scans about twice as fast; a chunk that ends with a newline is checked
-# with endswith.) What it lets through, _process decides exactly.
-_MAYBE_COMMAND_LINE_BYTES = re.compile(rb"\n[ \tdD]")
-# Bytes that may begin the command's line: a blank or the command's first letter.
+
+def _line_start_chain(before: bytes, level: int, *, at_start: bool) -> bytes:
+    """Look-behinds: *level* blanks then *before* (a fixed-width pattern) end here, and a line
+    starts right before the blanks.
+
+    With *at_start*, the start of the chunk is a line start too (negative look-behind: nothing or
+    a newline before).
+    """
+    blanks = rb"[ \t]{%d}" % level
+    if at_start:
+        here = rb"(?<![^\n]" + blanks + before + rb")"
+    else:
+        here = rb"(?<=\n" + blanks + before + rb")"
+    if level == MAX_BLANKS:
+        return here
+    more = rb"(?<=[ \t]" + blanks + before + rb")"
+    return (rb"(?:" + here + rb"|" + more
+            + _line_start_chain(before, level + 1, at_start=at_start) + rb")")
+
+
+def _command_line_pattern(*, at_start: bool) -> re.Pattern[bytes]:
+    """A complete command line in a lower-cased chunk, found from its literal "conexi"."""
+    words = []
+    for o in _O_FORMS:
+        # The word and the byte after it, which must be a blank or the newline.
+        word_end = o + rb"n[ \t\r\n]"
+        heads = []
+        for s in _S_FORMS:
+            word = re.escape(b"de" + s) + rb"conexi" + word_end
+            # The word, then no letter glued before it: two cheap checks that stop most
+            # look-alikes ("xconexion", "xdesconexion") before the chain walks any blank.
+            heads.append(rb"(?<=" + word + rb")(?<![^\n \t]" + word + rb")"
+                         + _line_start_chain(word, 0, at_start=at_start))
+        words.append(word_end + rb"(?:" + rb"|".join(heads) + rb")")
+    # The byte after the word was the newline, or it was a blank and more may follow.
+    tail = rb"(?:(?<=\n)|[ \t\r]{0,%d}\n)" % (MAX_BLANKS - 1)
+    return re.compile(rb"conexi(?:" + rb"|".join(words) + rb")" + tail)
+
+
+# A complete command line, in the lower-cased chunk; the first form when the chunk begins a line.
+_COMMAND_LINE_AT_START = _command_line_pattern(at_start=True)
+_COMMAND_LINE = _command_line_pattern(at_start=False)
+# A gate before the full pattern for chunks dense in "conexi", with no regex at all: in a copy
+# where letters are lower case, blanks and CR are newlines, Ó/ó (C3 93, C3 B3) read "o" B3 and
+# U+0341 reads U+0301 (CD -> CC), every command line holds one of these byte strings where its
+# word ends.
+# bytes.find skips through look-alikes (a chunk of DESCONEXIONES lines) without starting a
+# match at each, which even a literal-prefixed regex does; a false alarm only costs the search.
+_GATE_TABLE = bytes.maketrans(
+    bytes(range(ord("A"), ord("Z") + 1)) + b" \t\r\xc3\x93\xcd",
+    bytes(range(ord("a"), ord("z") + 1)) + b"\n\n\no\xb3\xcc")
+_COMMAND_ENDS = (b"conexion\n", b"conexio\xb3n\n", b"conexio\xcc\x81n\n")
+# Where a command line could end, as a regex: cheaper than the gate when "conexi" is rare (one
+# short match from each), and a superset of both full patterns at the same "conexi".
+_COMMAND_END = re.compile(rb"conexi(?:" + rb"|".join(_O_FORMS) + rb")n[ \t\r\n]")
+# The literal alone: a regex that is one literal is searched without starting any match, and
+# faster than bytes.find when it is absent.
+_CONEXI = re.compile(b"conexi")
+
+# Upper case of text whose code points are all below U+0100 (Spanish, most Western European
+# text), as a table over its Latin-1 bytes: str.upper() takes a slow per-character path on such
+# text, a translation and two codec calls cost a fraction. µ (U+00B5 upper-cases to U+039C),
+# ß ("SS") and ÿ (U+0178) leave Latin-1, so text holding them takes the general path.
+_LATIN1_UPPER = bytes.maketrans(bytes(range(256)), "".join(
+    c if c in "\xb5\xdf\xff" else c.upper() for c in map(chr, range(256))).encode("latin-1"))
+_LATIN1_LEAVING = (0xB5, 0xDF, 0xFF)  # `int in bytes` is a memchr (unlike a regex set)
+
+# Every spelling of the command has an x or X: a chunk without either holds no command line.
+# (Integers: `int in bytes` is a memchr, `bytes in bytes` first tries int() and fails.)
+_X, _UPPER_X = ord("x"), ord("X")
+
+# The bytes a command line can start with: a blank or the D of the word (any other first code
+# point, a split one included, makes the line text).
 _MAY_START_COMMAND = frozenset(b" \tdD")
+
+# Longest line start, in UTF-8 bytes, that _classify can call anything but text.
+_MAX_HELD_BYTES = 4 * MAX_HELD + 3  # + a split character's first bytes
 
 # Invalid UTF-8 bytes become lone surrogates on decode and the same bytes again on encode;
 # str.upper() leaves surrogates alone, so non-UTF-8 input passes through byte for byte.
@@ -111,22 +200,29 @@ class UpperProtocol:
     bytes came for :data:`HOLD_BACK_SECONDS`, and :meth:`feed_eof` when the read returned ``b""``
     (end of stream). Once a :class:`Reply` has ``close`` set, the connection is over: further
     calls return empty replies.
+
+    A chunk costs a few passes in C whatever it says (lower-case copy, one regular expression
+    scan, upper-casing); only its unfinished last line, a few bytes at most, is classified in
+    Python.
     """
 
     def __init__(self) -> None:
+        # Decodes what is sent; keeps a UTF-8 character split across reads for the next one.
         self._decoder = codecs.getincrementaldecoder("utf-8")(_ERRORS)
-        # The undecided start of the current line, or None when the current line is already
-        # known to be ordinary text (then nothing is held back until the next newline).
-        self._line_start: str | None = ""
+        self._decoder_empty = True  # no partial UTF-8 character buffered in the decoder
+        # True when the next byte after _held starts a line (rather than continuing text).
+        self._at_line_start = True
+        # The undecided start of the current line, raw (a split character's first bytes too).
+        self._held = b""
+        self._holding = False  # _held has at least one whole character
         self._closed = False
         #: Whether the connection ended by the disconnect command (rather than end of stream).
         self.command_seen = False
-        self._decoder_empty = True  # no partial UTF-8 character buffered in the decoder
 
     @property
     def holding(self) -> bool:
         """True when bytes are held back waiting to learn whether they are the command."""
-        return bool(self._line_start)
+        return self._holding
 
     @property
     def closed(self) -> bool:
@@ -141,11 +237,31 @@ class UpperProtocol:
         """
         if self._closed or not data:
             return Reply(b"", self._closed)
-        if self._decoder_empty and not self._line_start and data.isascii():
-            return self._process_ascii(data)
-        reply = self._process(self._decoder.decode(data))
-        self._decoder_empty = not self._decoder.getstate()[0]
-        return reply
+        if (data.endswith(b"\n") and not self._held and self._decoder_empty and data.isascii()
+                and _X not in data and _UPPER_X not in data):
+            # The usual request: whole ASCII lines, none with the X every command has.
+            self._at_line_start = True
+            return Reply(data.upper(), False)
+        if self._at_line_start:
+            chunk = self._held + data if self._held else data
+            self._held, self._holding = b"", False
+            pattern = _COMMAND_LINE_AT_START
+        else:
+            chunk, pattern = data, _COMMAND_LINE
+        match = None
+        if _X in chunk or _UPPER_X in chunk:  # memchr: most small chunks have no X: no copy
+            lowered = chunk.lower()
+            match = self._find_command(chunk, lowered, pattern)
+        if match is not None:
+            line = chunk.rfind(b"\n", 0, match.start()) + 1
+            return self._close(self._upper(chunk[:line]), command=True)
+        last_newline = chunk.rfind(b"\n")
+        if last_newline >= 0 or self._at_line_start:
+            line = last_newline + 1  # where the unfinished last line starts
+            if self._hold(chunk[line:]):
+                return Reply(self._upper(chunk[:line]), False)
+        self._at_line_start = False
+        return Reply(self._upper(chunk), False)
 
     def settle(self) -> Reply:
         """Decide the held-back line start after a quiet pause.
@@ -153,75 +269,92 @@ class UpperProtocol:
         A bare command closes the connection; anything else is sent, and the rest of that line
         is ordinary text.
         """
-        if self._closed or not self._line_start:
+        if self._closed or not self._holding:
             return Reply(b"", self._closed)
-        held, self._line_start = self._line_start, None
-        if _classify(held) is _Line.COMMAND:
+        held = self._held
+        self._held, self._holding, self._at_line_start = b"", False, False
+        if _classify(codecs.utf_8_decode(held, _ERRORS, False)[0]) is _Line.COMMAND:
             return self._close(b"", command=True)
-        return Reply(_encode(held), False)
+        return Reply(self._upper(held), False)  # a split character's first bytes stay behind
 
     def feed_eof(self) -> Reply:
         """The client ended its stream: return the last bytes to send; ``close`` is always set."""
         if self._closed:
             return Reply(b"", True)
-        reply = self._process(self._decoder.decode(b"", True))
-        if reply.close:
-            return reply
+        if not self._at_line_start:
+            return self._close(_encode(self._decoder.decode(b"", True)), command=False)
         # A held-back start that is the bare command is not echoed; anything else is sent.
-        tail = self.settle()
-        return self._close(reply.data + tail.data, command=tail.close)
+        text = self._held.decode("utf-8", _ERRORS)
+        if _classify(text) is _Line.COMMAND:
+            return self._close(b"", command=True)
+        return self._close(_encode(text), command=False)
 
     def _close(self, data: bytes, *, command: bool) -> Reply:
         self._closed = True
         self.command_seen = command
-        self._line_start = None
+        self._held, self._holding = b"", False
         return Reply(data, True)
 
-    def _process_ascii(self, data: bytes) -> Reply:
-        """The common case, on bytes: ASCII (upper-cased by ``bytes.upper``), nothing held back.
+    @staticmethod
+    def _find_command(chunk: bytes, lowered: bytes,
+                      pattern: re.Pattern[bytes]) -> re.Match[bytes] | None:
+        """The first complete command line of *chunk* (*lowered* is its ``lower()``)."""
+        first = _CONEXI.search(lowered)  # in every spelling; rare in most text
+        if first is None:
+            return None
+        start = first.start()
+        if lowered.count(b"conexi", start, start + 4096) > 64:  # dense: look-alike lines
+            folded = chunk.translate(_GATE_TABLE)
+            ends = [at for at in (folded.find(end, start) for end in _COMMAND_ENDS) if at >= 0]
+            return pattern.search(lowered, min(ends)) if ends else None
+        candidate = _COMMAND_END.search(lowered, start)
+        return None if candidate is None else pattern.search(lowered, candidate.start())
 
-        It hands over to :meth:`_process` from the first line start that could be the command,
-        so both paths give the same bytes.
-        """
-        if self._line_start == "" and data[0] in _MAY_START_COMMAND:
-            return self._process(data.decode("ascii"))
-        match = _MAYBE_COMMAND_LINE_BYTES.search(data)
-        if match is None:
-            # No line here can be the command; if the chunk ends with a newline, the next
-            # chunk starts a line afresh, otherwise the current line goes on.
-            self._line_start = "" if data.endswith(b"\n") else None
-            return Reply(data.upper(), False)
-        decided = match.start() + 1
-        self._line_start = ""
-        rest = self._process(data[decided:].decode("ascii"))
-        return Reply(data[:decided].upper() + rest.data, rest.close)
+    def _hold(self, line: bytes) -> bool:
+        """Hold back *line*, the start of the current line, if it could still be the command."""
+        if not line:  # the chunk ended with its newline: the next one starts a line
+            self._held, self._holding, self._at_line_start = b"", False, True
+            return True
+        if line[0] not in _MAY_START_COMMAND or len(line) > _MAX_HELD_BYTES:
+            return False
+        text = codecs.utf_8_decode(line, _ERRORS, False)[0]  # a split last character waits
+        if _classify(text) is _Line.TEXT:
+            return False
+        self._held, self._holding, self._at_line_start = line, bool(text), True
+        return True
 
-    def _process(self, text: str) -> Reply:
-        """Upper-case *text*, holding back or acting on a line start that may be the command."""
-        if self._line_start is not None:
-            text = self._line_start + text
-            candidate: int | None = 0
+    def _upper(self, data: bytes) -> bytes:
+        """Upper-case *data* in one call: ``bytes.upper`` for ASCII, a table for Latin-1 text,
+        else decode it whole; the first bytes of a character split by the read wait."""
+        if not self._decoder_empty:  # the start of a split character, completed here
+            data = self._decoder.getstate()[0] + data
+            self._decoder.reset()
+            self._decoder_empty = True
+        if data.isascii():
+            return data.upper()
+        try:
+            text, used = codecs.utf_8_decode(data, "strict", False)
+        except UnicodeDecodeError:
+            pass  # not UTF-8: the decoder below escapes what is not
         else:
-            candidate = None
-        position = 0  # everything before it is decided
-        while True:
-            if candidate is None:
-                match = _SUSPECT_LINE_START.search(text, position)
-                if match is None:
-                    self._line_start = None
-                    return Reply(_encode(text), False)
-                candidate = match.end()
-            newline = text.find("\n", candidate)
-            if newline < 0:
-                line = text[candidate:]
-                if _classify(line) is _Line.TEXT:
-                    self._line_start = None
-                    return Reply(_encode(text), False)
-                self._line_start = line
-                return Reply(_encode(text[:candidate]), False)
-            if _classify(text[candidate:newline]) is _Line.COMMAND:
-                return self._close(_encode(text[:candidate]), command=True)
-            position, candidate = newline, None
+            if used < len(data):  # a character split by the read: its start waits
+                self._decoder.decode(data[used:])
+                self._decoder_empty = False
+            return _upper_text(text)
+        text = self._decoder.decode(data)
+        self._decoder_empty = not self._decoder.getstate()[0]
+        return _encode(text)
+
+
+def _upper_text(text: str) -> bytes:
+    """``_encode(text)``, through the Latin-1 table when every code point allows it."""
+    try:
+        latin = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return _encode(text)
+    if any(byte in latin for byte in _LATIN1_LEAVING):
+        return _encode(text)
+    return latin.translate(_LATIN1_UPPER).decode("latin-1").encode("utf-8")
 
 
 def _encode(text: str) -> bytes:

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import pytest
 
 from tcp_upper import __version__, bench
+from tcp_upper.bench.payloads import build_batch
+from tcp_upper.protocol import UpperProtocol
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -454,3 +456,112 @@ def test_module_refused_connection_prints_one_line(refused_port, popen) -> None:
     assert proc.returncode == 1 and out == ""
     assert err.count("\n") == 1 and f"127.0.0.1:{refused_port}" in err
     assert "Traceback" not in err
+
+
+# -- payload classes ------------------------------------------------------------------------
+
+
+def protocol_upper(sock: socket.socket) -> None:
+    """Correct for every payload class: the project's own protocol (Unicode upper case,
+    non-UTF-8 bytes passed through, a split character completed by the next read)."""
+    protocol = UpperProtocol()
+    while data := sock.recv(65536):
+        sock.sendall(protocol.feed(data).data)
+
+
+@pytest.mark.parametrize("name", list(bench.PAYLOADS))
+@pytest.mark.parametrize("size", [2, 14, 4096])
+def test_every_payload_class_is_whole_lines_of_at_least_size_with_the_protocols_reply(
+        name: str, size: int) -> None:
+    batch = build_batch(bench.PAYLOADS[name], 3, 5, size)
+    assert len(batch.ends) == 5
+    starts = [0, *batch.ends[:-1]]
+    replies = [batch.expected[a:b] for a, b in zip(starts, batch.ends)]
+    protocol = UpperProtocol()
+    sent = b""
+    for reply in replies:
+        unit = batch.data[len(sent):]
+        end = len(unit)
+        # Each unit is whole lines of at least `size` bytes: find where it ends by its reply.
+        for cut in range(size, end + 1):
+            if unit[cut - 1:cut] == b"\n" and UpperProtocol().feed(unit[:cut]).data == reply:
+                end = cut
+                break
+        assert unit[:end].endswith(b"\n") and len(unit[:end]) >= size
+        assert protocol.feed(unit[:end]) == (reply, False) and not protocol.holding
+        sent += unit[:end]
+    assert sent == batch.data
+    assert batch.units_done(0, len(batch.expected)) == 5
+    assert batch.units_done(batch.ends[0] - 1, batch.ends[1]) == 2
+
+
+def test_payload_classes_are_what_their_names_say() -> None:
+    def lines(name: str) -> list[bytes]:
+        return build_batch(bench.PAYLOADS[name], 0, 40, 2).data.splitlines()
+
+    assert set(lines("d-lines")) == {b"d"}
+    assert all(line[:1] in (b" ", b"\t") for line in lines("blank-start"))
+    assert all(not line.isascii() and line.decode() for line in lines("non-ascii"))
+    assert all(line.strip().lower() == b"desconexiones" for line in lines("near-miss"))
+    spanish = b"".join(lines("spanish")).decode()
+    assert not spanish.isascii() and "ñ" in spanish and "¿" in spanish
+    random_lines = lines("random-bytes")
+    assert all(b"\n" not in line for line in random_lines)
+    with pytest.raises(UnicodeDecodeError):
+        b"".join(random_lines).decode()
+
+
+@pytest.mark.parametrize("name", list(bench.PAYLOADS))
+def test_each_payload_class_runs_against_a_correct_server(capsys, serve, name: str) -> None:
+    port = serve(protocol_upper)
+    status, result = run_json(capsys, *RUN, "--port", str(port), "--conns", "2", "--depth", "4",
+                              "--size", "300", "--payload", name)
+    assert status == 0 and result["errors"] == 0 and result["requests"] > 0
+    assert result["payload"] == name
+
+
+def test_a_server_upper_casing_only_ascii_fails_the_spanish_class(capsys, serve) -> None:
+    port = serve(upper)  # bytes.upper(): "ñ" comes back as "ñ"
+    status, result = run_json(capsys, *RUN, "--port", str(port), "--payload", "spanish")
+    # Every connection whose sentence has an accent gets a wrong reply (one sentence is ASCII).
+    assert status == 1 and set(result["errors_by_kind"]) == {"mismatch"}
+    assert "se esperaba" in result["first_error"]
+
+
+def test_payload_file_lines_are_sent_in_turn(capsys, serve, tmp_path) -> None:
+    path = tmp_path / "lineas.txt"
+    path.write_bytes("¿qué tal?\ndesconexiones\nñandú".encode())  # no newline at the end
+    port = serve(protocol_upper)
+    status, result = run_json(capsys, *RUN, "--port", str(port), "--payload-file", str(path))
+    assert status == 0 and result["errors"] == 0 and result["requests"] > 0
+    assert result["payload"] == f"fichero {path}"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "está vacío"),
+    (b"hola\n  DESCONEXI\xc3\x93N\r\nadios\n", "orden de desconexión"),
+])
+def test_unusable_payload_file_is_one_line_and_exit_2(capsys, tmp_path, content, message) -> None:
+    path = tmp_path / "lineas.txt"
+    path.write_bytes(content)
+    status, out, err = run(capsys, *RUN, "--port", "1", "--payload-file", str(path))
+    assert status == 2 and out == ""
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_payload_file_and_two_payloads_are_refused(capsys, tmp_path) -> None:
+    status, _, err = run(capsys, *RUN, "--port", "1", "--payload-file", str(tmp_path / "no"))
+    assert status == 2 and "no se puede leer" in err
+    status, _, err = run(capsys, *RUN, "--payload", "ascii", "--payload-file", "x")
+    assert status == 2 and "--payload-file" in err and "Traceback" not in err
+
+
+def test_tail_figures_p999_and_first_reply_are_reported(capsys, serve) -> None:
+    port = serve(upper)
+    status, result = run_json(capsys, *RUN, "--port", str(port), "--conns", "3")
+    assert status == 0
+    latency, first = result["latency_us"], result["first_reply_us"]
+    assert latency["p99"] <= latency["p99.9"] <= latency["max"]
+    assert 0 < first["p50"] <= first["p99"] <= first["max"]
+    status, out, _ = run(capsys, *RUN, "--port", str(port))
+    assert "latencia p99.9" in out and "primera respuesta p50 / p99 / máx." in out

@@ -1,4 +1,4 @@
-"""The client program (docs/PROTOCOL.md section 2): piped and at a terminal, line editing, its failures.
+"""The client program (docs/PROTOCOL.md §2): piped and at a terminal, line editing, failures.
 
 The program runs as a real subprocess (``python -m tcp_upper.client``) in an empty directory with
 TCP_UPPER_* variables removed; the interactive cases go through a real pseudo-terminal (pexpect).

@@ -1,4 +1,4 @@
-"""SPEC section 1, the wire protocol, checked on the sans-I/O core: no sockets, no clocks.
+"""docs/PROTOCOL.md §1, the wire protocol, checked on the sans-I/O core: no sockets, no clocks.
 
 The caller's side of the contract (what the server does) is simulated by hand: ``settle()`` is what
 the server calls after a quiet pause of HOLD_BACK_SECONDS, ``feed_eof()`` what it calls when a read
@@ -7,13 +7,16 @@ returns ``b""``.
 
 from __future__ import annotations
 
+import sys
 import unicodedata
 from collections.abc import Iterable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_protocol import ReferenceProtocol
 
+from tcp_upper import protocol as protocol_module
 from tcp_upper.protocol import HOLD_BACK_SECONDS, MAX_BLANKS, Reply, UpperProtocol, is_command
 
 NFD_COMMAND = unicodedata.normalize("NFD", "DESCONEXIÓN")  # O + U+0301 COMBINING ACUTE ACCENT
@@ -33,7 +36,7 @@ COMMAND_LINES = [
     NFD_COMMAND,
     NFD_COMMAND.lower(),
     "  " + NFD_COMMAND + "\t",
-    # The CR of a CRLF is a blank too (SPEC), so leave room for it: see the test on the limit.
+    # The CR of a CRLF is a blank too, so leave room for it: see the test on the limit.
     " " * MAX_BLANKS + "DESCONEXION" + "\t" * (MAX_BLANKS - 1),
     "\t" * MAX_BLANKS + NFD_COMMAND + " " * (MAX_BLANKS - 1),
 ]
@@ -92,10 +95,10 @@ def close_offset(data: bytes) -> int | None:
     return None
 
 
-# --- Oracle: an independent reading of SPEC section 1 -------------------------------------------
+# --- Oracle: an independent reading of docs/PROTOCOL.md §1 ----------------------------------------
 
 def oracle_is_command(line: str) -> bool:
-    """The command, per SPEC: blanks (spaces, tabs; the CR of a CRLF at the end) around the word,
+    """The command: blanks (spaces, tabs; the CR of a CRLF at the end) around the word,
     at most MAX_BLANKS each side, any case, DESCONEXIÓN composed or decomposed."""
     body = line.lstrip(" \t")
     if len(line) - len(body) > 32:
@@ -182,7 +185,7 @@ def test_empty_data_is_not_end_of_stream() -> None:
 
 
 def test_hold_back_pause_is_short() -> None:
-    # SPEC: "a short quiet pause (about 0.2 s, a named constant)".
+    # docs/PROTOCOL.md: "a short quiet pause (about 0.2 s, a named constant)".
     assert 0.05 <= HOLD_BACK_SECONDS <= 0.5
 
 
@@ -350,7 +353,7 @@ def test_lines_that_only_look_like_the_command_are_ordinary_text(line: str, endi
     (MAX_BLANKS, b"\n", True),
     (MAX_BLANKS + 1, b"\n", False),
     (MAX_BLANKS - 1, b"\r\n", True),
-    (MAX_BLANKS, b"\r\n", False),  # SPEC: "Blanks are spaces and tabs (and the CR of a CRLF)"
+    (MAX_BLANKS, b"\r\n", False),  # contract: "Blanks are spaces and tabs (and the CR of a CRLF)"
 ])
 def test_at_most_max_blanks_trailing_blanks_are_considered(
         trailing: int, ending: bytes, command: bool) -> None:
@@ -577,3 +580,164 @@ def test_output_is_everything_before_the_first_command_line_upper_cased(
         full = expected.data + surrogateescape_upper(last)
         assert full.startswith(got.data)
         assert len(full) - len(got.data) <= 4 * (2 * MAX_BLANKS + len(NFD_COMMAND))
+
+
+# --- The fast path against the per-line classifier ---------------------------------------------
+
+FORMS = ("desconexion", "desconexi\u00f3n")  # the command words after NFC and case folding
+
+
+def matches_fast_path(line: str) -> bool:
+    """Whether the chunk scanner finds *line* (one line, no newline) as a complete command line."""
+    data = ("x\n" + line + "\n").encode("utf-8", "surrogateescape").lower()
+    return protocol_module._COMMAND_LINE.search(data) is not None
+
+
+def every_code_point_folded() -> list[tuple[str, str]]:
+    """Each code point but the newline, with ``casefold(NFC(c))``: one call in C for all.
+
+    The newline separates them; it composes with nothing and is a starter, so normalising the
+    joined text normalises each code point on its own.
+    """
+    chars = [chr(c) for c in range(sys.maxunicode + 1) if c != 0x0A]
+    folded = unicodedata.normalize("NFC", "\n".join(chars)).casefold().split("\n")
+    assert len(folded) == len(chars)
+    return list(zip(chars, folded))
+
+
+def combining_candidates(folded: list[tuple[str, str]]) -> list[str]:
+    """Code points that NFC may merge with the letter before them: combining marks, code points
+    that NFC changes on their own, and the second half of every canonical decomposition."""
+    seconds = set()
+    for char, _ in folded:
+        parts = unicodedata.decomposition(char).split()
+        if len(parts) == 2 and not parts[0].startswith("<"):
+            seconds.add(chr(int(parts[1], 16)))
+    return [char for char, _ in folded
+            if unicodedata.combining(char) or char in seconds
+            or unicodedata.normalize("NFC", char) != char]
+
+
+def test_the_spellings_of_the_command_derived_from_the_classifier_are_those_the_scanner_finds(
+) -> None:
+    """Brute force over every code point: wherever a code point can stand for letters of the
+    command (substituted for them, or inserted after a letter so that NFC merges it), the
+    classifier and the chunk scanner agree; and the non-ASCII spellings are exactly these."""
+    folded = every_code_point_folded()
+    accepted: set[tuple[str, str]] = set()  # (what it replaces or follows, the code point)
+    for char, key in folded:
+        for form in FORMS:
+            start = form.find(key) if key else -1
+            while start >= 0:
+                word = form[:start] + char + form[start + len(key):]
+                command = protocol_module._classify(word) is protocol_module._Line.COMMAND
+                assert matches_fast_path(word) == command, (hex(ord(char)), word)
+                if command and not char.isascii():
+                    accepted.add((key, char))
+                start = form.find(key, start + 1)
+    for char in combining_candidates(folded):
+        for form in FORMS:
+            for index in range(len(form) + 1):
+                for letter_case in (str.lower, str.upper):
+                    word = letter_case(form[:index]) + char + letter_case(form[index:])
+                    command = protocol_module._classify(word) is protocol_module._Line.COMMAND
+                    assert matches_fast_path(word) == command, (hex(ord(char)), word)
+                    if command:
+                        accepted.add((word[index - 1] if index else "", char))
+    assert accepted == {("s", "\u017f"), ("\u00f3", "\u00f3"), ("\u00f3", "\u00d3"),
+                        ("o", "\u0301"), ("O", "\u0301"), ("o", "\u0341"), ("O", "\u0341")}
+
+
+def check_same_as_reference(chunks: list[bytes], settles: list[bool], eof: bool) -> None:
+    """Feed both implementations the same calls; every reply and state must be equal."""
+    fast, reference = UpperProtocol(), ReferenceProtocol()
+    for chunk, settle in zip(chunks, settles):
+        assert fast.feed(chunk) == reference.feed(chunk), chunk
+        assert (fast.holding, fast.closed) == (reference.holding, reference.closed)
+        if settle:
+            assert fast.settle() == reference.settle()
+            assert (fast.holding, fast.closed) == (reference.holding, reference.closed)
+    if eof:
+        assert fast.feed_eof() == reference.feed_eof()
+    assert (fast.holding, fast.closed, fast.command_seen) == (
+        reference.holding, reference.closed, reference.command_seen)
+
+
+@st.composite
+def tricky_words(draw: st.DrawFn) -> str:
+    """The command word with every spelling the classifier accepts, sometimes cut or spoilt."""
+    letters = []
+    for letter in "desconexi\u00f3n":
+        if letter == "s":
+            options = ["s", "S", "\u017f"]
+        elif letter == "\u00f3":
+            options = ["o", "O", "\u00f3", "\u00d3", "o\u0301", "O\u0301", "o\u0341", "O\u0341"]
+        else:
+            options = [letter, letter.upper()]
+        letters.append(draw(st.sampled_from(options)))
+    word = "".join(letters)
+    cut = draw(st.integers(0, len(word) + 2))
+    spoil = draw(st.sampled_from(["", "", "", "ES", "x", "\u0301", " x", "N", "\u00e9"]))
+    return word[:cut] + spoil
+
+
+tricky_command_lines = st.builds(lambda a, w, b: a + w + b, blanks, tricky_words(),
+                                trailing_blanks)
+tricky_pieces = st.one_of(
+    tricky_command_lines,
+    st.sampled_from(["d", "D", " ", "\t", "\r", "\n", "\r\n", "D\nx", "\u017f", "\u00d3",
+                     "\u0301", "\u00f1", "x" * 40]),
+    text_lines,
+)
+tricky_lines = st.one_of(
+    tricky_command_lines.map(str.encode),  # whole lines, most likely to be the command
+    st.lists(tricky_pieces, max_size=6).map(lambda parts: "".join(parts).encode()),
+    st.binary(max_size=40),
+    st.sampled_from([b"\xc3", b"\x93", b"\xc5", b"\xcc", b"\xff", b"\xe2\x82"]),
+)
+tricky_streams = st.lists(st.tuples(tricky_lines, st.sampled_from([b"\n", b"\r\n", b""])),
+                          max_size=10).map(lambda parts: b"".join(a + b for a, b in parts))
+
+
+@settings(deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(data=tricky_streams, draw=st.data(), eof=st.booleans())
+def test_the_fast_path_answers_exactly_as_the_per_line_reference_in_any_chunking(
+        data: bytes, draw: st.DataObject, eof: bool) -> None:
+    cuts = draw.draw(st.lists(st.integers(0, len(data)), max_size=12), label="cuts")
+    chunks = split(data, cuts)
+    settles = draw.draw(st.lists(st.booleans(), min_size=len(chunks), max_size=len(chunks)),
+                        label="settle after")
+    check_same_as_reference(chunks, settles, eof)
+
+
+@pytest.mark.parametrize("line", [b"d", b"D\nx", b" x", b"DESCONEXIONES", b"xdesconexion",
+                                  b"  desconexi\xc3\xb3n\r", b"\xff\xfe", "\u00f1".encode() * 31])
+def test_big_chunks_of_one_line_repeated_match_the_reference(line: bytes) -> None:
+    data = (line + b"\n") * 20000
+    for size in (65536, 4093):
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        check_same_as_reference([*chunks, b"  DESCONEXION\r\n", b"after"],
+                                [False] * (len(chunks) + 2), eof=True)
+
+
+@pytest.mark.parametrize("line", COMMAND_LINES + ORDINARY_LINES)
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_a_line_among_kilobytes_of_text_is_found_as_the_reference_finds_it(
+        line: str, ending: bytes) -> None:
+    """One candidate in a big chunk (the sparse path of the scan), or many (the dense one)."""
+    filler = "hola, ¿qué tal la conexión?\n".encode() * 150  # ~4 KiB, "conexi" now and then
+    data = filler + line.encode() + ending + filler
+    check_same_as_reference([data], [False], eof=False)
+    near_misses = b"DESCONEXIONES\n" * 300  # "conexi" on every line
+    check_same_as_reference([near_misses + line.encode() + ending + filler], [False], eof=True)
+
+
+@pytest.mark.parametrize("extra", ["", "\u00b5", "\u00df", "\u00ff", "\u0100", "\udcff"])
+def test_latin1_text_is_upper_cased_as_str_upper_does_whatever_else_it_holds(extra: str) -> None:
+    """The Latin-1 table agrees with str.upper() on every code point below U+0100, and text
+    holding one it cannot map (µ, ß, ÿ) or beyond Latin-1 (or not UTF-8) takes the long way."""
+    text = "".join(chr(c) for c in range(0x20, 0x100)) + extra + "\n"
+    data = text.encode("utf-8", "surrogateescape")
+    expected = text.upper().encode("utf-8", "surrogateescape")
+    assert feed_all([data]) == Reply(expected, False)
+    assert feed_all(split(data, [7, 99, 100, 250])) == Reply(expected, False)  # split chars

@@ -1,4 +1,4 @@
-"""Settings (docs/PROTOCOL.md section 3): flag > environment > env file > default, validated with clear errors.
+"""Settings (docs/PROTOCOL.md §3): flag > environment > env file > default, with clear errors.
 
 Most tests call ``config.load_settings`` in-process with an explicit ``environ`` and ``cwd`` (so
 neither the real environment nor the real working directory matters), on namespaces parsed by the
@@ -23,7 +23,7 @@ from tcp_upper.errors import SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: The settings of docs/PROTOCOL.md section 3, with one valid value per source (flag, environment, env file)
+#: The settings of docs/PROTOCOL.md §3, with one valid value per source (flag, environment, file)
 #: and what each resolves to. None of them is the default.
 SOURCES: dict[str, tuple[tuple[str, Any], tuple[str, Any], tuple[str, Any]]] = {
     "host": (("flag.example", "flag.example"), ("env.example", "env.example"),

@@ -1,4 +1,4 @@
-"""UpperClient (docs/PROTOCOL.md section 2, the thin class): round trips, line breaks, any line size, failures.
+"""UpperClient (docs/PROTOCOL.md §2, the thin class): round trips, line breaks, any size, failures.
 
 Servers are the in-process ``server`` fixture (its log read with caplog) or a spawned process.
 """
