@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import connect, wait_until
+from conftest import DEADLINE, clean_env, connect, wait_until
 from test_cluster import close_all, cluster_test, clusters, open_clients, recv_line
 
 from tcp_upper import cluster as cl
@@ -98,3 +100,35 @@ def test_plain_text_to_the_tls_front_gets_no_reply(make_cluster, tls_files) -> N
         except ConnectionResetError:
             reply = b""
     assert b"HOLA" not in reply and reply == b""
+
+
+def _client(port: int, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m tcp_upper.client`` to the front in one-shot mode, bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", "tcp_upper.client", "--host", "127.0.0.1", "--port", str(port),
+         "--timeout", "5", *args], capture_output=True, text=True, timeout=DEADLINE, cwd=cwd,
+        env=clean_env(), stdin=subprocess.DEVNULL)
+
+
+@cluster_test
+def test_the_client_program_speaks_tls_through_the_front(make_cluster, tls_files,
+                                                         tmp_path: Path) -> None:
+    ca_file, front = tls_files
+    cluster = make_cluster(instances=1, tls_cert=str(front), log_level="WARNING")
+    done = _client(cluster.front_port, "--cafile", str(ca_file), "hola", "ñandú", cwd=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "HOLA ÑANDÚ\n", "")
+    # Without the test CA, the front's certificate is refused in one line.
+    untrusted = _client(cluster.front_port, "--tls", "hola", cwd=tmp_path)
+    assert untrusted.returncode == 1 and untrusted.stdout == ""
+    assert untrusted.stderr.count("\n") == 1 and "Traceback" not in untrusted.stderr
+    assert "127.0.0.1:" in untrusted.stderr and "certificado" in untrusted.stderr
+
+
+@cluster_test
+def test_the_plain_client_program_to_the_tls_front_fails_in_one_line(make_cluster, tls_files,
+                                                                    tmp_path: Path) -> None:
+    cluster = make_cluster(instances=1, tls_cert=str(tls_files[1]), log_level="WARNING")
+    done = _client(cluster.front_port, "hola", cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert f"127.0.0.1:{cluster.front_port}" in done.stderr
