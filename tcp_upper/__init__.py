@@ -3,7 +3,7 @@
 The package is layered; a module imports only from its own layer or the ones above it::
 
     library        errors, system, plural, config         exceptions, OS plumbing, settings
-                   protocol                               the wire rules: bytes in, bytes out
+                   protocol, proxy_protocol               wire rules and PROXY headers: pure logic
                    server/   client/                      sockets and threads around protocol
     wiring         logs → serving → workers → cli         log thread, signals, processes, argv
     tools          bench, cluster                         measure, run behind HAProxy
