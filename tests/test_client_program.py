@@ -183,7 +183,7 @@ ENGLISH = re.compile(r"usage|options|show|help message|positional|optional|argum
                      r"default|version number|expected|unrecognized|invalid|required", re.I)
 
 
-@pytest.mark.parametrize("module", PROGRAMS)
+@pytest.mark.parametrize("module", [*PROGRAMS, "tcp_upper.bench", "tcp_upper.cluster"])
 def test_help_is_all_spanish(module, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__, config
+from ..cli_es import SpanishArgumentParser
 from ..errors import SettingsError
 from ..system import format_address, raise_open_file_limit
 from .load import Target, error_text
@@ -44,7 +45,7 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``tcp-upper-bench`` argument parser (host and port come from the shared settings)."""
-    parser = argparse.ArgumentParser(
+    parser = SpanishArgumentParser(
         prog=PROG,
         description="Mide un servidor tcp_upper que ya está en marcha: N conexiones envían lotes "
         "de líneas, esperan todas las respuestas, comprueban cada byte y repiten (bucle cerrado).",
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(parser, ("host",))
     # Our own --port (validated by the shared settings all the same): the shared help offers
     # port 0, "any free port", which only makes sense for listening.
-    parser.add_argument("--port", metavar="PORT", default=None,
+    parser.add_argument("--port", metavar="PUERTO", default=None,
                         help=f"puerto TCP del servidor (por defecto: {config.Settings().port})")
     count = _checked(config.parse_int(1, 100_000))
     parser.add_argument("--conns", type=count, default=10, metavar="N",
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", metavar="FICHERO.png",
                         help="dibuja la latencia por percentil (necesita matplotlib: "
                         "pip install 'tcp_upper[plot]')")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="muestra la versión del programa y termina")
     return parser
 
 

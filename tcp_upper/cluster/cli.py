@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from .. import __version__, config
+from ..cli_es import SpanishArgumentParser
 from ..errors import SettingsError
 from ..system import format_address
 from .render import DEFAULT_INSTANCES, default_backends, parse_backend, render_haproxy_config
@@ -27,13 +28,14 @@ POLL_SECONDS = 0.2
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m tcp_upper.cluster``."""
-    parser = argparse.ArgumentParser(
+    parser = SpanishArgumentParser(
         prog="tcp-upper-cluster",
         description="Arranca varias instancias del servidor de mayúsculas detrás de HAProxy, "
         "en esta máquina, y las vigila hasta Ctrl-C o SIGTERM. Conecte los clientes a "
         "--host/--port.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="muestra la versión del programa y termina")
     config.add_arguments(parser, CLUSTER_SETTINGS)
     parser.add_argument(
         "--instances", type=int, default=DEFAULT_INSTANCES, metavar="N",
