@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -50,6 +51,29 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+#: TCP states as /proc/net/tcp writes them.
+ESTABLISHED, SYN_SENT, LISTEN = "01", "02", "0A"
+
+
+def tcp_sockets(pid: int, table: str = "/proc/net/tcp") -> list[tuple[int, str]]:
+    """(local port, state) of each IPv4 TCP socket process *pid* has open, from *table* (the
+    caller's network namespace by default; ``/proc/PID/net/tcp`` is the process's own). Empty
+    once the process is gone."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+    try:
+        rows = Path(table).read_text(encoding="ascii").splitlines()[1:]
+    except OSError:
+        return []
+    return [(int(fields[1].rsplit(":", 1)[1], 16), fields[3])
+            for fields in map(str.split, rows) if fields[9] in inodes]
 
 
 def connect(port: int, host: str = "127.0.0.1", timeout: float = DEADLINE) -> socket.socket:

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import LISTEN, tcp_sockets
+
 PREFIX = "tcpu"
 #: This run's names: namespaces ``<RUN>n<i>``, veth ends ``<RUN>h<i>``, TUN ends ``<RUN>w<i>``
 #: (root side) and ``<RUN>v<i>`` (host side). Interface names fit Linux's 15 characters.
@@ -191,12 +193,7 @@ def pick_subnet() -> ipaddress.IPv4Network:
 
 def listens(pid: int, port: int) -> bool:
     """True once process *pid* has a listening TCP socket on *port*, seen in its namespace."""
-    try:
-        lines = Path(f"/proc/{pid}/net/tcp").read_text(encoding="ascii").splitlines()[1:]
-    except OSError:
-        return False
-    return any(f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port
-               for f in (line.split() for line in lines))
+    return (port, LISTEN) in tcp_sockets(pid, f"/proc/{pid}/net/tcp")
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:

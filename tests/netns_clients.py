@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
 import re
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, TypeVar
 
-from conftest import wait_until
+from conftest import ESTABLISHED, tcp_sockets, wait_until
 
 from tcp_upper import cluster as cl
 
@@ -218,20 +217,8 @@ class ClientProbe:
 
     def port(self) -> int | None:
         """The client's own TCP port, from its socket in /proc (it never prints it)."""
-        inodes = set()
-        fds = Path(f"/proc/{self.process.pid}/fd")
-        for fd in os.listdir(fds):
-            try:
-                target = os.readlink(fds / fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-        for line in Path("/proc/net/tcp").read_text(encoding="ascii").splitlines()[1:]:
-            fields = line.split()
-            if fields[9] in inodes and fields[3] == "01":  # 01 = ESTABLISHED
-                return int(fields[1].rsplit(":", 1)[1], 16)
-        return None
+        return next((port for port, state in tcp_sockets(self.process.pid)
+                     if state == ESTABLISHED), None)
 
     def end(self, text: str) -> None:
         """Send a last line and end the input: the client replies to it, then disconnects."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import signal
 import socket
@@ -21,7 +20,7 @@ from typing import Callable
 
 import pexpect
 import pytest
-from conftest import DEADLINE, clean_env, connect, recv_exactly, wait_until
+from conftest import DEADLINE, SYN_SENT, clean_env, connect, recv_exactly, tcp_sockets, wait_until
 
 TRANSCRIPT = (
     "Cliente envía: hola servidor\n"
@@ -231,25 +230,9 @@ def test_interactive_ctrl_c_exits_130_without_traceback(server, server_log, spaw
     assert_still_serving(server.port)
 
 
-def socket_inodes(pid: int) -> set[str]:
-    """Inodes of the sockets a process has open."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:["):-1])
-    return inodes
-
-
 def connecting(pid: int) -> bool:
     """True while the process has a TCP socket waiting for the server's SYN-ACK (SYN_SENT)."""
-    inodes = socket_inodes(pid)
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "02" and fields[9] in inodes:  # 02: SYN_SENT
-            return True
-    return False
+    return any(state == SYN_SENT for _, state in tcp_sockets(pid))
 
 
 # Regression (fixed in fac81f7): Ctrl-C while connecting, or while waiting for the server's close
