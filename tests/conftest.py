@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -51,6 +52,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def queued(sock: socket.socket, request: int) -> int:
+    """Bytes in one of our socket's kernel queues: ``termios.FIONREAD`` received and not read
+    yet, ``termios.TIOCOUTQ`` (SIOCOUTQ) sent and not acknowledged by the peer yet."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
 
 
 #: TCP states as /proc/net/tcp writes them.

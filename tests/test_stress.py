@@ -12,7 +12,6 @@ UTF-8 passes through), ``str.upper``, encode back. Replies must not depend on TC
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import random
@@ -21,7 +20,6 @@ import resource
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import termios
@@ -41,6 +39,7 @@ from conftest import (
     clean_env,
     connect,
     peer_name,
+    queued,
     recv_exactly,
     recv_until_closed,
     reset,
@@ -820,19 +819,13 @@ def test_a_client_that_never_reads_is_cut_after_the_write_timeout_alone(
 
 # --- signals ---------------------------------------------------------------------------------
 
-def _queued(sock: socket.socket, request: int) -> int:
-    """Bytes in one of our socket's kernel queues: ``termios.FIONREAD`` received and not read
-    yet, ``termios.TIOCOUTQ`` (SIOCOUTQ) sent and not acknowledged by the server yet."""
-    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
-
-
 def _stuck(sock: socket.socket) -> bool:
     """True when both directions are full: the server is blocked sending to this client.
 
     Its unread replies fill our receive queue (FIONREAD) and, the server no longer reading,
     our requests pile up in our send queue (SIOCOUTQ).
     """
-    return _queued(sock, termios.FIONREAD) >= 65536 and _queued(sock, termios.TIOCOUTQ) >= 65536
+    return queued(sock, termios.FIONREAD) >= 65536 and queued(sock, termios.TIOCOUTQ) >= 65536
 
 
 def _push_until_refused(sock: socket.socket) -> None:
@@ -1069,7 +1062,7 @@ def test_stopping_answers_requests_still_on_their_way(
 
         writer = threading.Thread(target=sender, daemon=True)
         writer.start()
-        wait_until(lambda: _stuck(sock) and _queued(sock, termios.TIOCOUTQ) > 2 * len(piece),
+        wait_until(lambda: _stuck(sock) and queued(sock, termios.TIOCOUTQ) > 2 * len(piece),
                    what="the buffers full both ways")
         owed = handed  # at least a piece of it is among the bytes held back
         stop_sending.set()

@@ -7,25 +7,18 @@ Latency is recorded (printed with ``-s``), never asserted: timing belongs to the
 
 from __future__ import annotations
 
-import fcntl
 import socket
-import struct
 import termios
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
-from conftest import DEADLINE, ServerProcess, connect, recv_exactly, wait_until
+from conftest import DEADLINE, ServerProcess, connect, queued, recv_exactly, wait_until
 
 pytestmark = pytest.mark.stress
 
 D_LINES = b"d\n" * 8192  # 16 KiB per send
-
-
-def unacknowledged(sock: socket.socket) -> int:
-    """Bytes we sent that the server's kernel has not acknowledged yet (SIOCOUTQ)."""
-    return int(struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0])
 
 
 def drain_and_check(sock: socket.socket, total: int, outcome: dict[str, object]) -> None:
@@ -91,7 +84,8 @@ def test_sigterm_with_twenty_clients_that_sent_256_kib_of_d_lines_answers_every_
     for sock in clients:
         sock.sendall(b"d\n" * (size // 2))
     # "Have sent": every byte is in the server's hands (acknowledged by its kernel).
-    wait_until(lambda: not any(map(unacknowledged, clients)), what="requests delivered")
+    wait_until(lambda: not any(queued(c, termios.TIOCOUTQ) for c in clients),
+               what="requests delivered")
     start = time.monotonic()
     server.signal()
     status = server.wait()
