@@ -136,7 +136,7 @@ class UpperClient:
         if reply.startswith("ERROR") and reply != text.upper():
             # Not an echo of ours: the server refused us (it is full) and closed.
             self._abort()
-            raise UpperClientError(f"El servidor {self._where} rechazó la conexión: {reply}")
+            raise self._refused(reply)
         return reply
 
     def close(self, command: str = COMMAND) -> None:
@@ -177,8 +177,12 @@ class UpperClient:
         self._abort()
         first = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
         if first.startswith("ERROR"):
-            return UpperClientError(f"El servidor {self._where} rechazó la conexión: {first}")
+            return self._refused(first)
         return UpperClientError(f"El servidor {self._where} cerró la conexión")
+
+    def _refused(self, line: str) -> UpperClientError:
+        """The error for the server's ``ERROR`` line (it is full): quoted, with where."""
+        return UpperClientError(f"El servidor {self._where} rechazó la conexión: {line}")
 
     def _require_open(self) -> socket.socket:
         if self._sock is None:
