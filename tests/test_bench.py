@@ -512,6 +512,14 @@ def test_payload_classes_are_what_their_names_say() -> None:
 
 
 @pytest.mark.parametrize("name", list(bench.PAYLOADS))
+def test_every_class_moves_the_same_bytes_per_batch(name: str) -> None:
+    # As many bytes as an ascii batch (one 64 KiB server read each), in whole lines.
+    batch = build_batch(bench.PAYLOADS[name], 3, 16, 4096)
+    assert len(batch.data) == 16 * 4096 and batch.data.endswith(b"\n")
+    assert all(batch.data[end - 1:end] == b"\n" for end in range(4096, 16 * 4096 + 1, 4096))
+
+
+@pytest.mark.parametrize("name", list(bench.PAYLOADS))
 def test_each_payload_class_runs_against_a_correct_server(capsys, serve, name: str) -> None:
     port = serve(protocol_upper)
     status, result = run_json(capsys, *RUN, "--port", str(port), "--conns", "2", "--depth", "4",

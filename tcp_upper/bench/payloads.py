@@ -1,7 +1,9 @@
 """What the load sends: classes of lines, built once per connection with their expected replies.
 
-A batch is ``depth`` units sent back to back. A unit is whole lines (each ends with ``\\n``) of at
-least ``size`` bytes, so a batch never leaves a line start held back by the server, and the
+A batch is ``depth`` units sent back to back. A unit is whole lines (each ends with ``\\n``) of
+exactly ``size`` bytes (the last line is cut to fit, unless it is the only one), so a batch never leaves a line start held
+back by the server, every class moves the same bytes per batch as ``ascii`` (one 64 KiB batch is
+one server read, not a read and a remainder), and the
 expected reply is what :class:`~tcp_upper.protocol.UpperProtocol` answers: the very rules the
 server applies, Unicode upper case and non-UTF-8 pass-through included. Latency is recorded per
 unit, when the last byte of its reply arrives.
@@ -15,6 +17,7 @@ two are all non-ASCII or not UTF-8 at all.
 from __future__ import annotations
 
 import bisect
+import codecs
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,8 +138,20 @@ class Batch:
         return min(bisect.bisect_right(self.ends, offset), len(self.ends) - 1)
 
 
+def _cut_to(unit: bytes, size: int) -> bytes:
+    """*unit* cut to *size* bytes, still ending with a newline; a UTF-8 character the cut splits
+    becomes spaces (so text classes stay text). A unit of one line stays whole."""
+    if len(unit) <= size or unit.index(b"\n") == len(unit) - 1:
+        return unit
+    body = unit[:size - 1]
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    decoder.decode(body)
+    split = len(decoder.getstate()[0])
+    return body[:len(body) - split] + b" " * split + b"\n"
+
+
 def build_batch(maker: LineMaker, conn_id: int, depth: int, size: int) -> Batch:
-    """*depth* units of whole lines from *maker*, at least *size* bytes each, and their replies."""
+    """*depth* units of whole lines from *maker*, *size* bytes each, and their replies."""
     protocol = UpperProtocol()
     data, expected, ends = [], [], []
     line_no = total = 0
@@ -145,6 +160,7 @@ def build_batch(maker: LineMaker, conn_id: int, depth: int, size: int) -> Batch:
         while len(unit) < size:
             unit += maker(conn_id, line_no, size)
             line_no += 1
+        unit = _cut_to(unit, size)
         reply = protocol.feed(unit)
         if reply.close or protocol.holding:  # cannot happen for the classes above
             raise ValueError("la carga contiene la orden de desconexión")
