@@ -111,22 +111,19 @@ def _command_line_pattern(*, at_start: bool) -> re.Pattern[bytes]:
 # A complete command line, in the lower-cased chunk; the first form when the chunk begins a line.
 _COMMAND_LINE_AT_START = _command_line_pattern(at_start=True)
 _COMMAND_LINE = _command_line_pattern(at_start=False)
-# A gate before the full pattern for chunks dense in "conexi", with no regex at all: in a copy
-# where letters are lower case, blanks and CR are newlines, Ó/ó (C3 93, C3 B3) read "o" B3 and
-# U+0341 reads U+0301 (CD -> CC), every command line holds one of these byte strings where its
-# word ends.
-# bytes.find skips through look-alikes (a chunk of DESCONEXIONES lines) without starting a
-# match at each, which even a literal-prefixed regex does; a false alarm only costs the search.
+# A gate before any of that, with no regular expression: in a copy where ASCII letters are lower
+# case, blanks and CR are deleted, and the other forms of the word are folded (the lead byte of
+# Ó/ó reads "o", of U+017F reads "s"; their second bytes and U+0301/U+0341 are deleted), every
+# command line reads exactly "desconexion" between two newlines (or from the start of a chunk that
+# starts a line). One translation and one bytes.find: a chunk that is all look-alikes (lines of
+# DESCONEXIONES, the word inside a sentence, "x desconexion") costs two passes in C, never a match
+# attempt per line. What the gate lets through (the word alone on a line, blanks inside it, or a
+# command) goes to the exact pattern above.
 _GATE_TABLE = bytes.maketrans(
-    bytes(range(ord("A"), ord("Z") + 1)) + b" \t\r\xc3\x93\xcd",
-    bytes(range(ord("a"), ord("z") + 1)) + b"\n\n\no\xb3\xcc")
-_COMMAND_ENDS = (b"conexion\n", b"conexio\xb3n\n", b"conexio\xcc\x81n\n")
-# Where a command line could end, as a regex: cheaper than the gate when "conexi" is rare (one
-# short match from each), and a superset of both full patterns at the same "conexi".
-_COMMAND_END = re.compile(rb"conexi(?:" + rb"|".join(_O_FORMS) + rb")n[ \t\r\n]")
-# The literal alone: a regex that is one literal is searched without starting any match, and
-# faster than bytes.find when it is absent.
-_CONEXI = re.compile(b"conexi")
+    bytes(range(ord("A"), ord("Z") + 1)) + b"\xc3\xc5",
+    bytes(range(ord("a"), ord("z") + 1)) + b"os")
+_GATE_DELETE = b" \t\r\x93\xb3\xcc\xcd\x81\xbf"
+_GATE_LINE = b"\ndesconexion\n"
 
 # Upper case of text whose code points are all below U+0100 (Spanish, most Western European
 # text), as a table over its Latin-1 bytes: str.upper() takes a slow per-character path on such
@@ -249,9 +246,8 @@ class UpperProtocol:
         else:
             chunk, pattern = data, _COMMAND_LINE
         match = None
-        if _X in chunk or _UPPER_X in chunk:  # memchr: most small chunks have no X: no copy
-            lowered = chunk.lower()
-            match = self._find_command(chunk, lowered, pattern)
+        if (_X in chunk or _UPPER_X in chunk) and _may_hold_command(chunk, self._at_line_start):
+            match = pattern.search(chunk.lower())
         if match is not None:
             line = chunk.rfind(b"\n", 0, match.start()) + 1
             return self._close(self._upper(chunk[:line]), command=True)
@@ -295,21 +291,6 @@ class UpperProtocol:
         self._held, self._holding = b"", False
         return Reply(data, True)
 
-    @staticmethod
-    def _find_command(chunk: bytes, lowered: bytes,
-                      pattern: re.Pattern[bytes]) -> re.Match[bytes] | None:
-        """The first complete command line of *chunk* (*lowered* is its ``lower()``)."""
-        first = _CONEXI.search(lowered)  # in every spelling; rare in most text
-        if first is None:
-            return None
-        start = first.start()
-        if lowered.count(b"conexi", start, start + 4096) > 64:  # dense: look-alike lines
-            folded = chunk.translate(_GATE_TABLE)
-            ends = [at for at in (folded.find(end, start) for end in _COMMAND_ENDS) if at >= 0]
-            return pattern.search(lowered, min(ends)) if ends else None
-        candidate = _COMMAND_END.search(lowered, start)
-        return None if candidate is None else pattern.search(lowered, candidate.start())
-
     def _hold(self, line: bytes) -> bool:
         """Hold back *line*, the start of the current line, if it could still be the command."""
         if not line:  # the chunk ended with its newline: the next one starts a line
@@ -344,6 +325,12 @@ class UpperProtocol:
         text = self._decoder.decode(data)
         self._decoder_empty = not self._decoder.getstate()[0]
         return _encode(text)
+
+
+def _may_hold_command(chunk: bytes, at_line_start: bool) -> bool:
+    """False when *chunk* surely holds no complete command line (see _GATE_TABLE)."""
+    folded = chunk.translate(_GATE_TABLE, _GATE_DELETE)
+    return _GATE_LINE in folded or (at_line_start and folded.startswith(_GATE_LINE[1:]))
 
 
 def _upper_text(text: str) -> bytes:
