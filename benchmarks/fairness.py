@@ -12,7 +12,7 @@ one), pinned to CPU 1 while this script runs on CPU 0:
 3. mass leave: --mass clients are each served once, all close at once and SIGTERM follows:
    seconds until the server exits.
 
---switch-interval runs the server with ``tcp_upper.cli.SWITCH_INTERVAL_SECONDS`` set to S (by a
+--switch-interval runs the server with ``tcp_upper.serving.SWITCH_INTERVAL_SECONDS`` set to S (by a
 wrapper, no edit), to compare values side by side.
 """
 
@@ -42,7 +42,8 @@ DEADLINE = 60.0
 
 def start_server(root: Path, switch: float | None) -> tuple[subprocess.Popen[bytes], int]:
     """The server on 127.0.0.1, a free port, CPU 1; returns it and its port."""
-    code = ("import sys, tcp_upper.cli as c; c.SWITCH_INTERVAL_SECONDS = float(sys.argv.pop(1)); "
+    code = ("import sys, tcp_upper.cli as c, tcp_upper.serving as s; "
+            "s.SWITCH_INTERVAL_SECONDS = float(sys.argv.pop(1)); "
             "sys.exit(c.server_main(sys.argv[1:]))")
     args = ["-c", code, str(switch)] if switch is not None else ["-m", "tcp_upper.server"]
     pin = ["taskset", "-c", "1"] if (os.cpu_count() or 1) >= 2 else []

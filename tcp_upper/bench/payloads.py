@@ -1,10 +1,10 @@
 """What the load sends: classes of lines, built once per connection with their expected replies.
 
 A batch is ``depth`` units sent back to back. A unit is whole lines (each ends with ``\\n``) of
-exactly ``size`` bytes (the last line is cut to fit, unless it is the only one), so a batch never leaves a line start held
-back by the server, every class moves the same bytes per batch as ``ascii`` (one 64 KiB batch is
-one server read, not a read and a remainder), and the
-expected reply is what :class:`~tcp_upper.protocol.UpperProtocol` answers: the very rules the
+exactly ``size`` bytes (the last line is cut to fit, unless it is the only one), so a batch never
+leaves a line start held back by the server, every class moves the same bytes per batch as
+``ascii`` (one 64 KiB batch is one server read, not a read and a remainder), and the expected
+reply is what :class:`~tcp_upper.protocol.UpperProtocol` answers: the very rules the
 server applies, Unicode upper case and non-UTF-8 pass-through included. Latency is recorded per
 unit, when the last byte of its reply arrives.
 

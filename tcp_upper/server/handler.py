@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import socketserver
 import threading
@@ -25,6 +26,12 @@ log = logging.getLogger("tcp_upper.server")
 #: After DESCONEXION (or an idle timeout) the server half-closes and discards what the client
 #: still sends for at most this long, so a client still writing sees end of stream, not a reset.
 ORDERLY_DRAIN_SECONDS = 1.0
+
+#: After sending a reply this large, the thread gives the CPU away (os.sched_yield, without the
+#: GIL): a thread woken for another client takes the GIL now instead of after a streaming
+#: client's next chunks. A GIL released around recv()/send() is usually taken back by the
+#: same busy thread before the woken one runs; see docs/TAIL_LATENCY.md.
+YIELD_BYTES = 16 * 1024
 
 
 class Reason:
@@ -97,6 +104,7 @@ class UpperHandler(socketserver.StreamRequestHandler):
         protocol = UpperProtocol()
         feed = protocol.feed
         monotonic = time.monotonic
+        sched_yield = os.sched_yield
         debug = log.isEnabledFor(logging.DEBUG)
         holding = False  # whether SO_RCVTIMEO is set to the hold-back pause
         while not server.stopping:  # checked after every change of SO_RCVTIMEO, too
@@ -123,6 +131,8 @@ class UpperHandler(socketserver.StreamRequestHandler):
                               len(data), len(reply))
             if reply:
                 sendall(reply)
+                if len(reply) >= YIELD_BYTES:
+                    sched_yield()
             if close:
                 close_orderly(sock, ORDERLY_DRAIN_SECONDS)
                 return Reason.COMMAND
