@@ -16,7 +16,7 @@
 # `tcp-upper-bench --payload` (the reply expected is tcp_upper's protocol: only for the servers
 # whose name matches PAYLOAD_SERVERS).
 #   SECS=3  SCENARIOS="1:1:14 100:1:14 10:64:14 4:16:4096 2000:1:14"
-#   PAYLOADS="ascii spanish d-lines blank-start non-ascii near-miss random-bytes"
+#   PAYLOADS="ascii spanish d-lines blank-start non-ascii near-miss word-in-line random-bytes"
 #   PAYLOAD_SERVERS='^(tcp_upper|before)'  PYTHON=.venv/bin/python (else python3)
 #   ROUNDS=1 (repeat everything, for a noisy machine: quote ratios of rows of one round)
 # The load generator is benchmarks/loadgen.c (built with cc into benchmarks/build); without a C
@@ -31,7 +31,7 @@ build=$here/build
 mkdir -p "$build"
 secs=${SECS:-3}
 scenarios=${SCENARIOS:-"1:1:14 100:1:14 10:64:14 4:16:4096 2000:1:14"}
-payloads=${PAYLOADS-"ascii spanish d-lines blank-start non-ascii near-miss random-bytes"}
+payloads=${PAYLOADS-"ascii spanish d-lines blank-start non-ascii near-miss word-in-line random-bytes"}
 payload_servers=${PAYLOAD_SERVERS:-'^(tcp_upper|before)'}
 
 cc_found=""

@@ -27,7 +27,7 @@ import pytest
 
 from tcp_upper import __version__, bench
 from tcp_upper.bench.payloads import build_batch
-from tcp_upper.protocol import UpperProtocol
+from tcp_upper.protocol import UpperProtocol, is_command
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -503,6 +503,8 @@ def test_payload_classes_are_what_their_names_say() -> None:
     assert all(line[:1] in (b" ", b"\t") for line in lines("blank-start"))
     assert all(not line.isascii() and line.decode() for line in lines("non-ascii"))
     assert all(line.strip().lower() == b"desconexiones" for line in lines("near-miss"))
+    assert all("desconexi" in line.decode().lower() and not is_command(line.decode())
+               for line in lines("word-in-line"))
     spanish = b"".join(lines("spanish")).decode()
     assert not spanish.isascii() and "ñ" in spanish and "¿" in spanish
     random_lines = lines("random-bytes")

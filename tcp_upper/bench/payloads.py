@@ -10,8 +10,9 @@ unit, when the last byte of its reply arrives.
 
 The classes are chosen to be cheap or expensive for different parts of a server: ``ascii`` is
 the classic benchmark line; ``d-lines`` and ``blank-start`` start every line the way the command
-does; ``near-miss`` is the command plus two letters; ``spanish`` is prose with accents; the last
-two are all non-ASCII or not UTF-8 at all.
+does; ``near-miss`` is the command plus two letters; ``word-in-line`` has the command's word,
+whole, on every line, with other text beside it; ``spanish`` is prose with accents; the last two
+are all non-ASCII or not UTF-8 at all.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ PAYLOADS: dict[str, LineMaker] = {
     "non-ascii": cycle_lines([(_NON_ASCII[i:] + _NON_ASCII * 4)[:31].encode() + b"\n"
                          for i in range(len(_NON_ASCII))]),
     "near-miss": cycle_lines([b"DESCONEXIONES\n", b"desconexiones\n", b" Desconexiones\r\n"]),
+    "word-in-line": cycle_lines([line.encode() + b"\n" for line in (
+        "x desconexion", "DESCONEXION x", "la desconexión.", "  Desconexión total\r")]),
     "random-bytes": _random_line,
 }
 
