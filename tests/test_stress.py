@@ -965,8 +965,15 @@ def test_thousands_leaving_at_once_as_a_signal_lands_still_stop_within_2_s(
         elapsed = time.monotonic() - began
     assert status == 0  # the wall time depends on the machine's load: reported, not asserted
     assert len(log_lines(process.log, "desconectado")) == CAPACITY
-    assert not log_lines(process.log, r" (WARNING|ERROR|CRITICAL) "), process.log[-2000:]
-    print(f"{len(socks)} clients left as the signal landed: exit {elapsed:.2f} s after")
+    # On a loaded machine some threads have not run since their client left when the budget's
+    # step 3 comes: they are given up on (one WARNING, a disconnect line each, nothing owed to a
+    # client that has gone). Reported like the wall time; any other problem fails.
+    given_up = log_lines(process.log, r" WARNING .*no terminaron? a tiempo")
+    other_problems = [line for line in log_lines(process.log, r" (WARNING|ERROR|CRITICAL) ")
+                      if line not in given_up]
+    assert not other_problems, process.log[-2000:]
+    print(f"{len(socks)} clients left as the signal landed: exit {elapsed:.2f} s after;"
+          f" {given_up[0].split(' WARNING ')[-1] if given_up else 'none given up on'}")
 
 
 @pytest.mark.stress
