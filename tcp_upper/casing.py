@@ -37,9 +37,12 @@ _LATIN1_UPPER = bytes.maketrans(bytes(range(256)), "".join(
     c if c in "\xb5\xdf\xff" else c.upper() for c in map(chr, range(256))).encode("latin-1"))
 _LATIN1_LEAVING = (0xB5, 0xDF, 0xFF)  # `int in bytes` is a memchr (unlike a regex set)
 
-# incomplete_tail: for each lead byte of a multi-byte sequence, its length and the range of its
-# second byte (CPython's strict rules: no overlongs, no surrogates, nothing above U+10FFFF).
-_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+# incomplete_tail: the second bytes a lead allows, where not 80-BF (CPython's strict rules: no
+# overlongs, nothing above U+10FFFF). ED A0-BF (a surrogate, never valid) is missing on purpose:
+# CPython's incremental decoder still buffers it when it is the last two bytes, so that the
+# "surrogatepass" error handler can join a surrogate split across reads (unicodeobject.c,
+# "Truncated surrogate code"), and this function says what that decoder keeps.
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
 
 
 def _sequence_length(lead: int) -> int:
