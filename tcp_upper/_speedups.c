@@ -37,6 +37,10 @@
  * the others keep running). Below it the release and re-acquire cost more than they give. */
 #define RELEASE_GIL_ABOVE 4096
 
+/* For upper-casing ASCII eight bytes at a time. */
+#define ONES UINT64_C(0x0101010101010101)
+#define ASCII_TOP_BITS (0x80 * ONES)
+
 #define CAPSULE_NAME "tcp_upper._speedups.table"
 
 typedef struct {
@@ -177,9 +181,27 @@ upper_utf8(const Table *table, const unsigned char *in, Py_ssize_t n, unsigned c
         Py_ssize_t len;
 
         if (c < 0x80) {
-            /* ASCII: a-z is 0x61..0x7A; one unsigned compare, no table. */
-            *o++ = (unsigned char)(c - 0x61u < 26u ? c - 0x20u : c);
-            in++;
+            /* A run of ASCII. Eight bytes at a time while all eight are ASCII: in each byte b
+             * (0..7F), b + 1F has its top bit set when b >= 'a', b + 05 when b > 'z' (no carry
+             * into the next byte either way), so their top bits give the lower-case letters,
+             * and moving that bit to 0x20 and flipping it upper-cases them. */
+            while (end - in >= 8) {
+                uint64_t word, lower;
+                memcpy(&word, in, 8);
+                if (word & ASCII_TOP_BITS) {
+                    break;
+                }
+                lower = (word + 0x1F * ONES) & ~(word + 0x05 * ONES) & ASCII_TOP_BITS;
+                word ^= lower >> 2;
+                memcpy(o, &word, 8);
+                in += 8;
+                o += 8;
+            }
+            /* The rest of the run, a byte at a time: a-z is 61-7A, one unsigned compare. */
+            while (in < end && *in < 0x80) {
+                c = *in++;
+                *o++ = (unsigned char)(c - 0x61u < 26u ? c - 0x20u : c);
+            }
             continue;
         }
         /* Decode one sequence under CPython's strict rules (the lead byte fixes the length and
