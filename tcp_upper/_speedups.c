@@ -167,13 +167,17 @@ compile_table(PyObject *mapping)
     return capsule;
 }
 
-/* The loop: upper-case in[0..n) into out (room for n * table->growth bytes); return the output
- * length. Touches no Python object, so it runs without the GIL. */
-static Py_ssize_t
-upper_utf8(const Table *table, const unsigned char *in, Py_ssize_t n, unsigned char *out)
+/* The loop: upper-case data[*in_pos..n) into out[*out_pos..out_size), and advance both
+ * positions. It keeps room for the rest of the input unchanged, so it stops early only where a
+ * mapping longer than its input (U+00DF -> "SS" is not, U+0390 -> 3 code points is) would not
+ * leave that room: the caller grows out and calls again. Touches no Python object, so it runs
+ * without the GIL. */
+static void
+upper_utf8(const Table *table, const unsigned char *data, Py_ssize_t n, Py_ssize_t *in_pos,
+           unsigned char *out, Py_ssize_t out_size, Py_ssize_t *out_pos)
 {
-    const unsigned char *end = in + n;
-    unsigned char *o = out;
+    const unsigned char *in = data + *in_pos, *end = data + n;
+    unsigned char *o = out + *out_pos, *out_end = out + out_size;
 
     while (in < end) {
         unsigned int c = in[0];
@@ -244,6 +248,9 @@ upper_utf8(const Table *table, const unsigned char *in, Py_ssize_t n, unsigned c
             uint16_t index = table->slots[block][cp & (BLOCK - 1)];
             if (index != 0) {
                 const Mapping *m = &table->mappings[index];
+                if (m->len > len && (out_end - o) - m->len < (end - in) - len) {
+                    break;  /* no room left for the rest: the caller grows out */
+                }
                 memcpy(o, m->bytes, m->len);
                 o += m->len;
                 in += len;
@@ -254,7 +261,8 @@ upper_utf8(const Table *table, const unsigned char *in, Py_ssize_t n, unsigned c
         o += len;
         in += len;
     }
-    return o - out;
+    *in_pos = in - data;
+    *out_pos = o - out;
 }
 
 /* upper(data: bytes) -> bytes, the function make_upper() returns; capsule holds the table. */
@@ -263,7 +271,7 @@ upper(PyObject *capsule, PyObject *data)
 {
     const Table *table;
     PyObject *result;
-    Py_ssize_t n, size;
+    Py_ssize_t n, in_pos = 0, out_pos = 0;
 
     if (!PyBytes_Check(data)) {
         PyErr_Format(PyExc_TypeError, "upper() needs bytes, not %.100s", Py_TYPE(data)->tp_name);
@@ -274,28 +282,41 @@ upper(PyObject *capsule, PyObject *data)
         return NULL;
     }
     n = PyBytes_GET_SIZE(data);
-    if (n > PY_SSIZE_T_MAX / table->growth) {
-        return PyErr_NoMemory();
-    }
-    /* Room for the worst case; shrunk to the real length below. */
-    result = PyBytes_FromStringAndSize(NULL, n * table->growth);
+    /* As long as the input: most text upper-cases to as many bytes (or fewer). */
+    result = PyBytes_FromStringAndSize(NULL, n);
     if (result == NULL) {
         return NULL;
     }
-    if (n > RELEASE_GIL_ABOVE) {
-        /* The caller's references keep data and this function (so the capsule and the table)
-         * alive; result is ours alone. */
-        Py_BEGIN_ALLOW_THREADS
-        size = upper_utf8(table, (const unsigned char *)PyBytes_AS_STRING(data), n,
-                          (unsigned char *)PyBytes_AS_STRING(result));
-        Py_END_ALLOW_THREADS
+    for (;;) {
+        const unsigned char *in = (const unsigned char *)PyBytes_AS_STRING(data);
+        unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+        Py_ssize_t out_size = PyBytes_GET_SIZE(result);
+
+        if (n - in_pos > RELEASE_GIL_ABOVE) {
+            /* The caller's references keep data and this function (so the capsule and the
+             * table) alive; result is ours alone. */
+            Py_BEGIN_ALLOW_THREADS
+            upper_utf8(table, in, n, &in_pos, out, out_size, &out_pos);
+            Py_END_ALLOW_THREADS
+        }
+        else {
+            upper_utf8(table, in, n, &in_pos, out, out_size, &out_pos);
+        }
+        if (in_pos == n) {
+            break;
+        }
+        /* A mapping grew the output: make room for the rest at the worst growth, so this
+         * happens at most once per call. */
+        if (n - in_pos > (PY_SSIZE_T_MAX - out_pos) / table->growth) {
+            Py_DECREF(result);
+            return PyErr_NoMemory();
+        }
+        if (_PyBytes_Resize(&result, out_pos + (n - in_pos) * table->growth) < 0) {
+            return NULL;  /* _PyBytes_Resize freed result and set MemoryError */
+        }
     }
-    else {
-        size = upper_utf8(table, (const unsigned char *)PyBytes_AS_STRING(data), n,
-                          (unsigned char *)PyBytes_AS_STRING(result));
-    }
-    if (size != n * table->growth && _PyBytes_Resize(&result, size) < 0) {
-        return NULL;  /* _PyBytes_Resize freed result and set MemoryError */
+    if (out_pos != PyBytes_GET_SIZE(result) && _PyBytes_Resize(&result, out_pos) < 0) {
+        return NULL;
     }
     return result;
 }

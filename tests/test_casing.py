@@ -207,13 +207,16 @@ def test_pure_python_forced_by_the_environment(monkeypatch: pytest.MonkeyPatch) 
     assert casing._accelerator() is None
 
 
-def test_growth_to_three_times_the_input() -> None:
-    """ΐ (2 bytes) upper-cases to 3 code points (6 bytes): the largest growth, past the size at
-    which the GIL is released."""
-    upper = c_upper()
-    data = "ΐ".encode() * 5000
-    assert len(upper(data)) == 3 * len(data)
-    assert upper(data) == expected(data)
+@pytest.mark.parametrize("data", [
+    "ΐ".encode() * 5000,  # the largest growth: 2 bytes to 3 code points (6 bytes), throughout
+    "ΐ".encode(), b"x" + "ΐ".encode(), "ΐ".encode() + b"\xff",
+    b"a" * 10000 + "ΐ".encode() * 3 + b"a" * 3,  # the output grows near the end only
+    "\N{LATIN SMALL LETTER DOTLESS I}".encode() * 5000 + "ΐ".encode() * 5000,  # shrinks, grows
+    "ß".encode() * 9000,  # 2 bytes to "SS": as long as the input
+])
+def test_output_longer_or_shorter_than_the_input(data: bytes) -> None:
+    """The output starts as long as the input and grows once where a mapping needs it."""
+    assert c_upper()(data) == expected(data)
 
 
 def test_large_inputs_from_many_threads() -> None:
