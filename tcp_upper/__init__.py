@@ -4,6 +4,7 @@ The package is layered; a module imports only from its own layer or the ones abo
 
     library        errors, system, plural, config         exceptions, OS plumbing, settings
                    protocol, proxy_protocol               wire rules and PROXY headers: pure logic
+                   casing (+ optional C _speedups)        upper case of UTF-8 bytes: pure logic
                    server/   client/                      sockets and threads around protocol
     wiring         logs → serving → workers → cli         log thread, signals, processes, argv
     tools          bench, cluster                         measure, run behind HAProxy

@@ -1,0 +1,383 @@
+/*
+ * tcp_upper._speedups: upper-case UTF-8 bytes in one pass, without building a str.
+ *
+ * make_upper(mapping) returns a function upper(data) that returns exactly
+ *     data.decode("utf-8", "surrogateescape").upper().encode("utf-8", "surrogateescape")
+ * for any bytes: ASCII a-z become A-Z, every valid UTF-8 sequence whose code point has an upper
+ * case mapping is replaced by the UTF-8 of that mapping (it may be longer: U+00DF -> "SS"), and
+ * every other byte, valid or not, is copied unchanged. Which code points map to what is not
+ * written here: tcp_upper/casing.py computes it from the running Python's str.upper() and hands
+ * it to make_upper(), so this module always agrees with the Unicode version of the Python it
+ * runs in.
+ *
+ * The compiled table lives in a PyCapsule that is the returned function's `self` (no
+ * module-level state): the caller's reference to the function keeps the table alive while the
+ * loop runs without the GIL, and a second make_upper() (a reload of casing.py) never frees a
+ * table another thread is using.
+ *
+ * Plain C API, no limited API: builds on CPython 3.9 to 3.13.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Code points at or above LIMIT never change under str.upper() (tests/test_casing.py checks it
+ * for the running Python), so the table only covers 0..LIMIT-1. */
+#define LIMIT 0x20000
+/* The table is two-level: code points are grouped in blocks of BLOCK; a block in which nothing
+ * changes shares the all-zero block 0, so only the ~40 blocks with letters take memory. */
+#define BLOCK_BITS 7
+#define BLOCK (1 << BLOCK_BITS)
+#define NBLOCKS (LIMIT >> BLOCK_BITS)
+/* Longest mapped UTF-8 allowed: str.upper() gives at most 3 code points (6 bytes in Unicode
+ * 15); 3 code points of 4 bytes is the most UTF-8 could need. */
+#define MAX_MAPPED 12
+/* Inputs larger than this release the GIL while they are upper-cased (one thread per client:
+ * the others keep running). Below it the release and re-acquire cost more than they give. */
+#define RELEASE_GIL_ABOVE 4096
+
+/* For upper-casing ASCII eight bytes at a time. */
+#define ONES UINT64_C(0x0101010101010101)
+#define ASCII_TOP_BITS (0x80 * ONES)
+
+#define CAPSULE_NAME "tcp_upper._speedups.table"
+
+typedef struct {
+    unsigned char len;                  /* 0 in mapping 0: "unchanged" */
+    unsigned char bytes[MAX_MAPPED];    /* the UTF-8 of the upper case */
+} Mapping;
+
+typedef struct {
+    uint16_t block_of[NBLOCKS];         /* code point >> BLOCK_BITS -> its block (0: none maps) */
+    uint16_t (*slots)[BLOCK];           /* slots[block][cp % BLOCK] -> its mapping (0: none) */
+    Mapping *mappings;                  /* mappings[0] is the empty "unchanged" one */
+    Py_ssize_t growth;                  /* most output bytes per input byte, for sizing */
+} Table;
+
+static void
+table_free(Table *table)
+{
+    if (table != NULL) {
+        PyMem_RawFree(table->slots);
+        PyMem_RawFree(table->mappings);
+        PyMem_RawFree(table);
+    }
+}
+
+static void
+capsule_destructor(PyObject *capsule)
+{
+    table_free((Table *)PyCapsule_GetPointer(capsule, CAPSULE_NAME));
+}
+
+/* Length of the UTF-8 encoding of code point cp (which is valid: not a surrogate). */
+static Py_ssize_t
+utf8_length(long cp)
+{
+    return cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+}
+
+/* Check one (key, value) pair of the mapping dict; on success store the code point. */
+static int
+check_entry(PyObject *key, PyObject *value, long *cp)
+{
+    if (!PyLong_Check(key) || !PyBytes_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "table must map int code points to bytes");
+        return -1;
+    }
+    *cp = PyLong_AsLong(key);
+    if (*cp == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (*cp < 0 || *cp >= LIMIT || (*cp >= 0xD800 && *cp < 0xE000)) {
+        PyErr_Format(PyExc_ValueError,
+                     "code point %ld is outside the table (0..0x%X, no surrogates)", *cp, LIMIT - 1);
+        return -1;
+    }
+    if (PyBytes_GET_SIZE(value) < 1 || PyBytes_GET_SIZE(value) > MAX_MAPPED) {
+        PyErr_Format(PyExc_ValueError, "mapping of code point %ld must be 1 to %d bytes",
+                     *cp, MAX_MAPPED);
+        return -1;
+    }
+    return 0;
+}
+
+/* The table compiled from mapping (dict[int, bytes]), in a capsule; NULL on error. */
+static PyObject *
+compile_table(PyObject *mapping)
+{
+    PyObject *key, *value;
+    Py_ssize_t pos, nblocks = 1, nmappings = 1;
+    long cp;
+    Table *table;
+    PyObject *capsule;
+
+    if (!PyDict_Check(mapping)) {
+        PyErr_SetString(PyExc_TypeError, "make_upper() needs a dict");
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(mapping) >= UINT16_MAX) {
+        PyErr_SetString(PyExc_ValueError, "too many mappings");
+        return NULL;
+    }
+    table = PyMem_RawCalloc(1, sizeof(Table));
+    if (table == NULL) {
+        return PyErr_NoMemory();
+    }
+    table->growth = 1;
+    /* First pass: check every entry and number the blocks that hold one. */
+    pos = 0;
+    while (PyDict_Next(mapping, &pos, &key, &value)) {
+        if (check_entry(key, value, &cp) < 0) {
+            table_free(table);
+            return NULL;
+        }
+        if (table->block_of[cp >> BLOCK_BITS] == 0) {
+            table->block_of[cp >> BLOCK_BITS] = (uint16_t)nblocks++;
+        }
+    }
+    table->slots = PyMem_RawCalloc((size_t)nblocks, sizeof(*table->slots));
+    table->mappings = PyMem_RawCalloc((size_t)PyDict_GET_SIZE(mapping) + 1, sizeof(Mapping));
+    if (table->slots == NULL || table->mappings == NULL) {
+        table_free(table);
+        return PyErr_NoMemory();
+    }
+    /* Second pass: fill the slots. The dict is ours to read only; nothing ran Python code
+     * since the first pass, so it holds the same entries. */
+    pos = 0;
+    while (PyDict_Next(mapping, &pos, &key, &value)) {
+        Py_ssize_t size = PyBytes_GET_SIZE(value);
+        Py_ssize_t in = 0;
+        Mapping *m = &table->mappings[nmappings];
+
+        cp = PyLong_AsLong(key);
+        m->len = (unsigned char)size;
+        memcpy(m->bytes, PyBytes_AS_STRING(value), (size_t)size);
+        table->slots[table->block_of[cp >> BLOCK_BITS]][cp & (BLOCK - 1)] = (uint16_t)nmappings++;
+        in = utf8_length(cp);
+        if ((size + in - 1) / in > table->growth) {
+            table->growth = (size + in - 1) / in;
+        }
+    }
+    capsule = PyCapsule_New(table, CAPSULE_NAME, capsule_destructor);
+    if (capsule == NULL) {
+        table_free(table);
+    }
+    return capsule;
+}
+
+/* The loop: upper-case data[*in_pos..n) into out[*out_pos..out_size), and advance both
+ * positions. It keeps room for the rest of the input unchanged, so it stops early only where a
+ * mapping longer than its input (U+00DF -> "SS" is not, U+0390 -> 3 code points is) would not
+ * leave that room: the caller grows out and calls again. Touches no Python object, so it runs
+ * without the GIL. */
+static void
+upper_utf8(const Table *table, const unsigned char *data, Py_ssize_t n, Py_ssize_t *in_pos,
+           unsigned char *out, Py_ssize_t out_size, Py_ssize_t *out_pos)
+{
+    const unsigned char *in = data + *in_pos, *end = data + n;
+    unsigned char *o = out + *out_pos, *out_end = out + out_size;
+
+    while (in < end) {
+        unsigned int c = in[0];
+        unsigned long cp = 0;
+        Py_ssize_t len;
+
+        if (c < 0x80) {
+            /* A run of ASCII. Eight bytes at a time while all eight are ASCII: in each byte b
+             * (0..7F), b + 1F has its top bit set when b >= 'a', b + 05 when b > 'z' (no carry
+             * into the next byte either way), so their top bits give the lower-case letters,
+             * and moving that bit to 0x20 and flipping it upper-cases them. */
+            while (end - in >= 8) {
+                uint64_t word, lower;
+                memcpy(&word, in, 8);
+                if (word & ASCII_TOP_BITS) {
+                    break;
+                }
+                lower = (word + 0x1F * ONES) & ~(word + 0x05 * ONES) & ASCII_TOP_BITS;
+                word ^= lower >> 2;
+                memcpy(o, &word, 8);
+                in += 8;
+                o += 8;
+            }
+            /* The rest of the run, a byte at a time: a-z is 61-7A, one unsigned compare. */
+            while (in < end && *in < 0x80) {
+                c = *in++;
+                *o++ = (unsigned char)(c - 0x61u < 26u ? c - 0x20u : c);
+            }
+            continue;
+        }
+        /* Decode one sequence under CPython's strict rules (the lead byte fixes the length and
+         * the range of the second byte; later bytes are 80-BF). Anything else is invalid. */
+        len = 0;
+        if (c >= 0xC2 && c <= 0xDF) {
+            if (end - in >= 2 && (in[1] & 0xC0) == 0x80) {
+                cp = ((c & 0x1Fu) << 6) | (in[1] & 0x3Fu);
+                len = 2;
+            }
+        }
+        else if (c >= 0xE0 && c <= 0xEF) {
+            if (end - in >= 3 && (in[1] & 0xC0) == 0x80 && (in[2] & 0xC0) == 0x80
+                && !(c == 0xE0 && in[1] < 0xA0)     /* overlong */
+                && !(c == 0xED && in[1] > 0x9F)) {  /* surrogate */
+                cp = ((c & 0x0Fu) << 12) | ((in[1] & 0x3Fu) << 6) | (in[2] & 0x3Fu);
+                len = 3;
+            }
+        }
+        else if (c >= 0xF0 && c <= 0xF4) {
+            if (end - in >= 4 && (in[1] & 0xC0) == 0x80 && (in[2] & 0xC0) == 0x80
+                && (in[3] & 0xC0) == 0x80
+                && !(c == 0xF0 && in[1] < 0x90)     /* overlong */
+                && !(c == 0xF4 && in[1] > 0x8F)) {  /* above U+10FFFF */
+                cp = ((c & 0x07u) << 18) | ((in[1] & 0x3Fu) << 12) | ((in[2] & 0x3Fu) << 6)
+                     | (in[3] & 0x3Fu);
+                len = 4;
+            }
+        }
+        if (len == 0) {
+            /* Not the start of a valid sequence: surrogateescape passes the byte through. The
+             * next byte is tried as a new start, as the codec does (the bytes it escapes with
+             * this one are continuation bytes, which can never start a sequence). */
+            *o++ = (unsigned char)c;
+            in++;
+            continue;
+        }
+        if (cp < LIMIT) {
+            uint16_t block = table->block_of[cp >> BLOCK_BITS];
+            uint16_t index = table->slots[block][cp & (BLOCK - 1)];
+            if (index != 0) {
+                const Mapping *m = &table->mappings[index];
+                if (m->len > len && (out_end - o) - m->len < (end - in) - len) {
+                    break;  /* no room left for the rest: the caller grows out */
+                }
+                memcpy(o, m->bytes, m->len);
+                o += m->len;
+                in += len;
+                continue;
+            }
+        }
+        memcpy(o, in, (size_t)len);  /* valid, but no upper case: unchanged */
+        o += len;
+        in += len;
+    }
+    *in_pos = in - data;
+    *out_pos = o - out;
+}
+
+/* upper(data: bytes) -> bytes, the function make_upper() returns; capsule holds the table. */
+static PyObject *
+upper(PyObject *capsule, PyObject *data)
+{
+    const Table *table;
+    PyObject *result;
+    Py_ssize_t n, in_pos = 0, out_pos = 0;
+
+    if (!PyBytes_Check(data)) {
+        PyErr_Format(PyExc_TypeError, "upper() needs bytes, not %.100s", Py_TYPE(data)->tp_name);
+        return NULL;
+    }
+    table = PyCapsule_GetPointer(capsule, CAPSULE_NAME);
+    if (table == NULL) {
+        return NULL;
+    }
+    n = PyBytes_GET_SIZE(data);
+    /* As long as the input: most text upper-cases to as many bytes (or fewer). */
+    result = PyBytes_FromStringAndSize(NULL, n);
+    if (result == NULL) {
+        return NULL;
+    }
+    for (;;) {
+        const unsigned char *in = (const unsigned char *)PyBytes_AS_STRING(data);
+        unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+        Py_ssize_t out_size = PyBytes_GET_SIZE(result);
+
+        if (n - in_pos > RELEASE_GIL_ABOVE) {
+            /* The caller's references keep data and this function (so the capsule and the
+             * table) alive; result is ours alone. */
+            Py_BEGIN_ALLOW_THREADS
+            upper_utf8(table, in, n, &in_pos, out, out_size, &out_pos);
+            Py_END_ALLOW_THREADS
+        }
+        else {
+            upper_utf8(table, in, n, &in_pos, out, out_size, &out_pos);
+        }
+        if (in_pos == n) {
+            break;
+        }
+        /* A mapping grew the output: make room for the rest at the worst growth, so this
+         * happens at most once per call. */
+        if (n - in_pos > (PY_SSIZE_T_MAX - out_pos) / table->growth) {
+            Py_DECREF(result);
+            return PyErr_NoMemory();
+        }
+        if (_PyBytes_Resize(&result, out_pos + (n - in_pos) * table->growth) < 0) {
+            return NULL;  /* _PyBytes_Resize freed result and set MemoryError */
+        }
+    }
+    if (out_pos != PyBytes_GET_SIZE(result) && _PyBytes_Resize(&result, out_pos) < 0) {
+        return NULL;
+    }
+    return result;
+}
+
+/* Not in the module: make_upper() binds it to a table. */
+static PyMethodDef upper_def = {
+    "upper", (PyCFunction)upper, METH_O,
+    "upper(data: bytes) -> bytes\n\n"
+    "data.decode('utf-8', 'surrogateescape').upper().encode('utf-8', 'surrogateescape'),\n"
+    "in one pass over the bytes, with the table given to make_upper().",
+};
+
+/* make_upper(mapping: dict[int, bytes]) -> upper(data: bytes) -> bytes */
+static PyObject *
+make_upper(PyObject *module, PyObject *mapping)
+{
+    PyObject *name, *capsule, *function;
+
+    name = PyModule_GetNameObject(module);  /* for the function's __module__ */
+    if (name == NULL) {
+        return NULL;
+    }
+    capsule = compile_table(mapping);
+    if (capsule == NULL) {
+        Py_DECREF(name);
+        return NULL;
+    }
+    function = PyCFunction_NewEx(&upper_def, capsule, name);
+    /* The function holds its own references now (or, on error, nothing holds them). */
+    Py_DECREF(capsule);
+    Py_DECREF(name);
+    return function;
+}
+
+static PyMethodDef methods[] = {
+    {"make_upper", (PyCFunction)make_upper, METH_O,
+     "make_upper(mapping: dict[int, bytes]) -> upper(data: bytes) -> bytes\n\n"
+     "mapping: every code point below 0x20000 that str.upper() changes, to the UTF-8 of its\n"
+     "upper case (1 to 12 bytes)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef_Slot slots[] = {
+#if PY_VERSION_HEX >= 0x030C0000
+    /* No module state, so it is safe in every subinterpreter. */
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "tcp_upper._speedups",
+    .m_doc = "Upper-casing of UTF-8 bytes in C; see tcp_upper/casing.py.",
+    .m_size = 0,
+    .m_methods = methods,
+    .m_slots = slots,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModuleDef_Init(&module_def);
+}
