@@ -29,6 +29,8 @@ import unicodedata
 from enum import Enum
 from typing import NamedTuple
 
+from .casing import incomplete_tail, upper
+
 #: The disconnect command, in the forms recognised after NFC normalisation and case folding.
 COMMANDS = tuple(unicodedata.normalize("NFC", word).casefold() for word in ("DESCONEXION",
                                                                             "DESCONEXIÓN"))
@@ -125,14 +127,6 @@ _GATE_TABLE = bytes.maketrans(
 _GATE_DELETE = b" \t\r\x93\xb3\xcc\xcd\x81\xbf"
 _GATE_LINE = b"\ndesconexion\n"
 
-# Upper case of text whose code points are all below U+0100 (Spanish, most Western European
-# text), as a table over its Latin-1 bytes: str.upper() takes a slow per-character path on such
-# text, a translation and two codec calls cost a fraction. µ (U+00B5 upper-cases to U+039C),
-# ß ("SS") and ÿ (U+0178) leave Latin-1, so text holding them takes the general path.
-_LATIN1_UPPER = bytes.maketrans(bytes(range(256)), "".join(
-    c if c in "\xb5\xdf\xff" else c.upper() for c in map(chr, range(256))).encode("latin-1"))
-_LATIN1_LEAVING = (0xB5, 0xDF, 0xFF)  # `int in bytes` is a memchr (unlike a regex set)
-
 # Every spelling of the command has an x or X: a chunk without either holds no command line.
 # (Integers: `int in bytes` is a memchr, `bytes in bytes` first tries int() and fails.)
 _X, _UPPER_X = ord("x"), ord("X")
@@ -144,8 +138,8 @@ _MAY_START_COMMAND = frozenset(b" \tdD")
 # Longest line start, in UTF-8 bytes, that _classify can call anything but text.
 _MAX_HELD_BYTES = 4 * MAX_HELD + 3  # + a split character's first bytes
 
-# Invalid UTF-8 bytes become lone surrogates on decode and the same bytes again on encode;
-# str.upper() leaves surrogates alone, so non-UTF-8 input passes through byte for byte.
+# Line starts are decoded only to be classified: bytes that are not UTF-8 become lone
+# surrogates, which are never the command.
 _ERRORS = "surrogateescape"
 
 
@@ -198,15 +192,17 @@ class UpperProtocol:
     (end of stream). Once a :class:`Reply` has ``close`` set, the connection is over: further
     calls return empty replies.
 
-    A chunk costs a few passes in C whatever it says (lower-case copy, one regular expression
-    scan, upper-casing); only its unfinished last line, a few bytes at most, is classified in
-    Python.
+    A chunk costs a few passes in C whatever it says: a memchr for the X every command has;
+    where there is one, a translated copy and one find (and the exact regular expression only
+    when a line holds the word alone); then one upper-casing call. Only its unfinished last
+    line, a few bytes at most, is classified in Python.
     """
 
     def __init__(self) -> None:
-        # Decodes what is sent; keeps a UTF-8 character split across reads for the next one.
-        self._decoder = codecs.getincrementaldecoder("utf-8")(_ERRORS)
-        self._decoder_empty = True  # no partial UTF-8 character buffered in the decoder
+        # The first bytes of a UTF-8 character split by the last read: upper-cased with the
+        # rest of it, from the next read (casing.incomplete_tail says what the incremental
+        # decoder would keep).
+        self._split = b""
         # True when the next byte after _held starts a line (rather than continuing text).
         self._at_line_start = True
         # The undecided start of the current line, raw (a split character's first bytes too).
@@ -234,11 +230,11 @@ class UpperProtocol:
         """
         if self._closed or not data:
             return Reply(b"", self._closed)
-        if (data.endswith(b"\n") and not self._held and self._decoder_empty and data.isascii()
-                and _X not in data and _UPPER_X not in data):
-            # The usual request: whole ASCII lines, none with the X every command has.
+        if (data.endswith(b"\n") and not self._held and not self._split and _X not in data
+                and _UPPER_X not in data):
+            # The usual request: whole lines, none with the X every command has.
             self._at_line_start = True
-            return Reply(data.upper(), False)
+            return Reply(upper(data), False)
         if self._at_line_start:
             chunk = self._held + data if self._held else data
             self._held, self._holding = b"", False
@@ -277,13 +273,12 @@ class UpperProtocol:
         """The client ended its stream: return the last bytes to send; ``close`` is always set."""
         if self._closed:
             return Reply(b"", True)
-        if not self._at_line_start:
-            return self._close(_encode(self._decoder.decode(b"", True)), command=False)
+        if not self._at_line_start:  # a split character's first bytes are sent as they are
+            return self._close(self._split, command=False)
         # A held-back start that is the bare command is not echoed; anything else is sent.
-        text = self._held.decode("utf-8", _ERRORS)
-        if _classify(text) is _Line.COMMAND:
+        if _classify(self._held.decode("utf-8", _ERRORS)) is _Line.COMMAND:
             return self._close(b"", command=True)
-        return self._close(_encode(text), command=False)
+        return self._close(upper(self._held), command=False)
 
     def _close(self, data: bytes, *, command: bool) -> Reply:
         self._closed = True
@@ -305,44 +300,16 @@ class UpperProtocol:
         return True
 
     def _upper(self, data: bytes) -> bytes:
-        """Upper-case *data* in one call: ``bytes.upper`` for ASCII, a table for Latin-1 text,
-        else decode it whole; the first bytes of a character split by the read wait."""
-        if not self._decoder_empty:  # the start of a split character, completed here
-            data = self._decoder.getstate()[0] + data
-            self._decoder.reset()
-            self._decoder_empty = True
-        if data.isascii():
-            return data.upper()
-        try:
-            text, used = codecs.utf_8_decode(data, "strict", False)
-        except UnicodeDecodeError:
-            pass  # not UTF-8: the decoder below escapes what is not
-        else:
-            if used < len(data):  # a character split by the read: its start waits
-                self._decoder.decode(data[used:])
-                self._decoder_empty = False
-            return _upper_text(text)
-        text = self._decoder.decode(data)
-        self._decoder_empty = not self._decoder.getstate()[0]
-        return _encode(text)
+        """Upper-case *data* (see :func:`tcp_upper.casing.upper`); the first bytes of a
+        character split by the read wait for the rest of it."""
+        if self._split:
+            data = self._split + data
+        whole = len(data) - incomplete_tail(data)
+        self._split = data[whole:]
+        return upper(data[:whole])
 
 
 def _may_hold_command(chunk: bytes, at_line_start: bool) -> bool:
     """False when *chunk* surely holds no complete command line (see _GATE_TABLE)."""
     folded = chunk.translate(_GATE_TABLE, _GATE_DELETE)
     return _GATE_LINE in folded or (at_line_start and folded.startswith(_GATE_LINE[1:]))
-
-
-def _upper_text(text: str) -> bytes:
-    """``_encode(text)``, through the Latin-1 table when every code point allows it."""
-    try:
-        latin = text.encode("latin-1")
-    except UnicodeEncodeError:
-        return _encode(text)
-    if any(byte in latin for byte in _LATIN1_LEAVING):
-        return _encode(text)
-    return latin.translate(_LATIN1_UPPER).decode("latin-1").encode("utf-8")
-
-
-def _encode(text: str) -> bytes:
-    return text.upper().encode("utf-8", _ERRORS)
