@@ -43,6 +43,15 @@
 
 #define CAPSULE_NAME "tcp_upper._speedups.table"
 
+/* Bytes 0x00-0xFF through ASCII upper case: a-z become A-Z, every other byte stays. */
+static unsigned char ascii_upper[256];
+
+/* Whether any byte of word is C2 or above (could start a multi-byte sequence): such a byte has
+ * its top bit set and its low seven bits at 0x42 or more, so low7 + 0x3E carries into bit 7
+ * (at most 0x7F + 0x3E = 0xBD: no carry into the next byte). */
+#define ANY_LEAD(word) \
+    ((((word) & (0x7F * ONES)) + 0x3E * ONES) & (word) & ASCII_TOP_BITS)
+
 typedef struct {
     unsigned char len;                  /* 0 in mapping 0: "unchanged" */
     unsigned char bytes[MAX_MAPPED];    /* the UTF-8 of the upper case */
@@ -53,7 +62,12 @@ typedef struct {
     uint16_t (*slots)[BLOCK];           /* slots[block][cp % BLOCK] -> its mapping (0: none) */
     Mapping *mappings;                  /* mappings[0] is the empty "unchanged" one */
     Py_ssize_t growth;                  /* most output bytes per input byte, for sizing */
+    unsigned char starts_mapped[256];   /* 1 for a lead byte of some mapped code point */
+    uint16_t two_byte[0x800];           /* U+0080..U+07FF -> its 2-byte upper case, 0 if none,
+                                           LONGER if it is not 2 bytes (use mappings) */
 } Table;
+
+#define LONGER 1
 
 static void
 table_free(Table *table)
@@ -156,6 +170,12 @@ compile_table(PyObject *mapping)
         memcpy(m->bytes, PyBytes_AS_STRING(value), (size_t)size);
         table->slots[table->block_of[cp >> BLOCK_BITS]][cp & (BLOCK - 1)] = (uint16_t)nmappings++;
         in = utf8_length(cp);
+        if (in == 2) {  /* the common case, read without the two-level lookup */
+            table->two_byte[cp] = (uint16_t)(size == 2 ? (m->bytes[0] << 8) | m->bytes[1] : LONGER);
+        }
+        /* The lead byte of cp's UTF-8 (cp is at least 0x80: ASCII is never in the table). */
+        table->starts_mapped[in == 2 ? 0xC0 | (cp >> 6) : in == 3 ? 0xE0 | (cp >> 12)
+                             : 0xF0 | (cp >> 18)] = 1;
         if ((size + in - 1) / in > table->growth) {
             table->growth = (size + in - 1) / in;
         }
@@ -165,6 +185,74 @@ compile_table(PyObject *mapping)
         table_free(table);
     }
     return capsule;
+}
+
+/* One sequence at *in, which starts with a lead byte of some mapped code point: decoded under
+ * CPython's strict rules (the lead byte fixes the length and the range of the second byte;
+ * later bytes are 80-BF), written upper-cased, or as it is when it has no upper case or is not
+ * valid (then only its first byte: surrogateescape passes it through, and the next byte is
+ * tried as a new start, as the codec does). Returns 0, moving nothing, when a mapping longer
+ * than its input would not leave room in out for the rest of the input. */
+static int
+upper_sequence(const Table *table, const unsigned char **in_p, const unsigned char *end,
+               unsigned char **o_p, const unsigned char *out_end)
+{
+    const unsigned char *in = *in_p;
+    unsigned char *o = *o_p;
+    unsigned int c = in[0];
+    unsigned long cp = 0;
+    Py_ssize_t len = 0;
+
+    if (c >= 0xC2 && c <= 0xDF) {
+        if (end - in >= 2 && (in[1] & 0xC0) == 0x80) {
+            cp = ((c & 0x1Fu) << 6) | (in[1] & 0x3Fu);
+            len = 2;
+        }
+    }
+    else if (c >= 0xE0 && c <= 0xEF) {
+        if (end - in >= 3 && (in[1] & 0xC0) == 0x80 && (in[2] & 0xC0) == 0x80
+            && !(c == 0xE0 && in[1] < 0xA0)     /* overlong */
+            && !(c == 0xED && in[1] > 0x9F)) {  /* surrogate */
+            cp = ((c & 0x0Fu) << 12) | ((in[1] & 0x3Fu) << 6) | (in[2] & 0x3Fu);
+            len = 3;
+        }
+    }
+    else if (c >= 0xF0 && c <= 0xF4) {
+        if (end - in >= 4 && (in[1] & 0xC0) == 0x80 && (in[2] & 0xC0) == 0x80
+            && (in[3] & 0xC0) == 0x80
+            && !(c == 0xF0 && in[1] < 0x90)     /* overlong */
+            && !(c == 0xF4 && in[1] > 0x8F)) {  /* above U+10FFFF */
+            cp = ((c & 0x07u) << 18) | ((in[1] & 0x3Fu) << 12) | ((in[2] & 0x3Fu) << 6)
+                 | (in[3] & 0x3Fu);
+            len = 4;
+        }
+    }
+    if (len == 0) {
+        *o++ = (unsigned char)c;
+        in++;
+    }
+    else {
+        uint16_t index = 0;
+        if (cp < LIMIT) {
+            index = table->slots[table->block_of[cp >> BLOCK_BITS]][cp & (BLOCK - 1)];
+        }
+        if (index != 0) {
+            const Mapping *m = &table->mappings[index];
+            if (m->len > len && (out_end - o) - m->len < (end - in) - len) {
+                return 0;  /* no room left for the rest: the caller grows out */
+            }
+            memcpy(o, m->bytes, m->len);
+            o += m->len;
+        }
+        else {
+            memcpy(o, in, (size_t)len);  /* valid, but no upper case: unchanged */
+            o += len;
+        }
+        in += len;
+    }
+    *in_p = in;
+    *o_p = o;
+    return 1;
 }
 
 /* The loop: upper-case data[*in_pos..n) into out[*out_pos..out_size), and advance both
@@ -177,90 +265,72 @@ upper_utf8(const Table *table, const unsigned char *data, Py_ssize_t n, Py_ssize
            unsigned char *out, Py_ssize_t out_size, Py_ssize_t *out_pos)
 {
     const unsigned char *in = data + *in_pos, *end = data + n;
-    unsigned char *o = out + *out_pos, *out_end = out + out_size;
+    unsigned char *o = out + *out_pos;
+    const unsigned char *out_end = out + out_size;
 
     while (in < end) {
-        unsigned int c = in[0];
-        unsigned long cp = 0;
-        Py_ssize_t len;
+        const unsigned char *stop;
 
-        if (c < 0x80) {
-            /* A run of ASCII. Eight bytes at a time while all eight are ASCII: in each byte b
-             * (0..7F), b + 1F has its top bit set when b >= 'a', b + 05 when b > 'z' (no carry
-             * into the next byte either way), so their top bits give the lower-case letters,
-             * and moving that bit to 0x20 and flipping it upper-cases them. */
-            while (end - in >= 8) {
-                uint64_t word, lower;
-                memcpy(&word, in, 8);
-                if (word & ASCII_TOP_BITS) {
-                    break;
-                }
+        /* Eight bytes at a time while none can start a multi-byte sequence. All ASCII: in each
+         * byte b (0..7F), b + 1F has its top bit set when b >= 'a', b + 05 when b > 'z' (no
+         * carry into the next byte either way), so their top bits give the lower-case letters,
+         * and moving that bit to 0x20 and flipping it upper-cases them. With bytes 80-C1
+         * (continuation bytes, which only change inside a sequence, and invalid ones) the
+         * table does it byte by byte. */
+        while (end - in >= 8) {
+            uint64_t word, lower;
+            int k;
+            memcpy(&word, in, 8);
+            if (!(word & ASCII_TOP_BITS)) {
                 lower = (word + 0x1F * ONES) & ~(word + 0x05 * ONES) & ASCII_TOP_BITS;
                 word ^= lower >> 2;
                 memcpy(o, &word, 8);
-                in += 8;
-                o += 8;
             }
-            /* The rest of the run, a byte at a time: a-z is 61-7A, one unsigned compare. */
-            while (in < end && *in < 0x80) {
-                c = *in++;
-                *o++ = (unsigned char)(c - 0x61u < 26u ? c - 0x20u : c);
-            }
-            continue;
-        }
-        /* Decode one sequence under CPython's strict rules (the lead byte fixes the length and
-         * the range of the second byte; later bytes are 80-BF). Anything else is invalid. */
-        len = 0;
-        if (c >= 0xC2 && c <= 0xDF) {
-            if (end - in >= 2 && (in[1] & 0xC0) == 0x80) {
-                cp = ((c & 0x1Fu) << 6) | (in[1] & 0x3Fu);
-                len = 2;
-            }
-        }
-        else if (c >= 0xE0 && c <= 0xEF) {
-            if (end - in >= 3 && (in[1] & 0xC0) == 0x80 && (in[2] & 0xC0) == 0x80
-                && !(c == 0xE0 && in[1] < 0xA0)     /* overlong */
-                && !(c == 0xED && in[1] > 0x9F)) {  /* surrogate */
-                cp = ((c & 0x0Fu) << 12) | ((in[1] & 0x3Fu) << 6) | (in[2] & 0x3Fu);
-                len = 3;
-            }
-        }
-        else if (c >= 0xF0 && c <= 0xF4) {
-            if (end - in >= 4 && (in[1] & 0xC0) == 0x80 && (in[2] & 0xC0) == 0x80
-                && (in[3] & 0xC0) == 0x80
-                && !(c == 0xF0 && in[1] < 0x90)     /* overlong */
-                && !(c == 0xF4 && in[1] > 0x8F)) {  /* above U+10FFFF */
-                cp = ((c & 0x07u) << 18) | ((in[1] & 0x3Fu) << 12) | ((in[2] & 0x3Fu) << 6)
-                     | (in[3] & 0x3Fu);
-                len = 4;
-            }
-        }
-        if (len == 0) {
-            /* Not the start of a valid sequence: surrogateescape passes the byte through. The
-             * next byte is tried as a new start, as the codec does (the bytes it escapes with
-             * this one are continuation bytes, which can never start a sequence). */
-            *o++ = (unsigned char)c;
-            in++;
-            continue;
-        }
-        if (cp < LIMIT) {
-            uint16_t block = table->block_of[cp >> BLOCK_BITS];
-            uint16_t index = table->slots[block][cp & (BLOCK - 1)];
-            if (index != 0) {
-                const Mapping *m = &table->mappings[index];
-                if (m->len > len && (out_end - o) - m->len < (end - in) - len) {
-                    break;  /* no room left for the rest: the caller grows out */
+            else if (!ANY_LEAD(word)) {
+                for (k = 0; k < 8; k++) {
+                    o[k] = ascii_upper[in[k]];
                 }
-                memcpy(o, m->bytes, m->len);
-                o += m->len;
-                in += len;
+            }
+            else {
+                break;
+            }
+            in += 8;
+            o += 8;
+        }
+        /* Then byte by byte for a while (text with accents or in another script, bytes that
+         * are not UTF-8): a byte that starts no mapped code point goes through the table; a
+         * two-byte sequence is read from two_byte; anything else is upper_sequence's. */
+        stop = end - in > 16 ? in + 16 : end;
+        while (in < stop) {
+            unsigned int c = *in;
+            if (!table->starts_mapped[c]) {
+                *o++ = ascii_upper[c];
+                in++;
                 continue;
             }
+            if (c <= 0xDF && end - in >= 2 && (in[1] & 0xC0) == 0x80) {
+                unsigned int upper = table->two_byte[((c & 0x1Fu) << 6) | (in[1] & 0x3Fu)];
+                if (upper == 0) {
+                    o[0] = (unsigned char)c;
+                    o[1] = in[1];
+                    o += 2;
+                    in += 2;
+                    continue;
+                }
+                if (upper != LONGER) {
+                    o[0] = (unsigned char)(upper >> 8);
+                    o[1] = (unsigned char)upper;
+                    o += 2;
+                    in += 2;
+                    continue;
+                }
+            }
+            if (!upper_sequence(table, &in, end, &o, out_end)) {
+                goto no_room;
+            }
         }
-        memcpy(o, in, (size_t)len);  /* valid, but no upper case: unchanged */
-        o += len;
-        in += len;
     }
+no_room:
     *in_pos = in - data;
     *out_pos = o - out;
 }
@@ -379,5 +449,9 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    int c;
+    for (c = 0; c < 256; c++) {
+        ascii_upper[c] = (unsigned char)(c >= 'a' && c <= 'z' ? c - 0x20 : c);
+    }
     return PyModuleDef_Init(&module_def);
 }
