@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import itertools
 import os
+import random
 import shutil
 import threading
 from typing import Callable
@@ -217,6 +218,37 @@ def test_pure_python_forced_by_the_environment(monkeypatch: pytest.MonkeyPatch) 
 def test_output_longer_or_shorter_than_the_input(data: bytes) -> None:
     """The output starts as long as the input and grows once where a mapping needs it."""
     assert c_upper()(data) == expected(data)
+
+
+# Input that starts with many bytes that are not UTF-8 takes the C loop for random bytes (two
+# passes over blocks of 512 bytes); these put every kind of sequence there, across block ends.
+NOT_UTF8_START = bytes(range(0xF5, 0x100)) * 4  # 44 lead-like bytes, none followed by 80-BF
+
+
+@PROPERTY_SETTINGS
+@given(pieces=st.lists(st.one_of(TEXT, INVALID, TRUNCATED, st.binary(min_size=1, max_size=700)),
+                       max_size=12),
+       shift=st.integers(0, 7))
+def test_upper_of_mostly_invalid_input(pieces: list[bytes], shift: int) -> None:
+    data = NOT_UTF8_START + b"\xff" * shift + b"".join(pieces)
+    assert c_upper()(data) == expected(data)
+
+
+@pytest.mark.parametrize("sequence",
+                         ["é", "ß", "ΐ", "ﬀ", "\u0131", "\uff41", "\U00010428", "ŉ", "µ"])
+@pytest.mark.parametrize("at", [505, 506, 509, 510, 511, 512, 1020, 1023])
+def test_sequences_across_a_block_end_in_random_bytes(sequence: str, at: int) -> None:
+    """Every offset near the end of the first block (512 bytes from the start), a sequence that
+    maps to as many bytes, to more, to fewer, and one of four bytes."""
+    noise = bytes(random.Random(at).choice(b"\x80\xc0\xf8\xffabz") for _ in range(2000))
+    data = NOT_UTF8_START + noise[:at - len(NOT_UTF8_START)] + sequence.encode() * 3 + noise
+    assert c_upper()(data) == expected(data)
+
+
+def test_random_bytes_in_c() -> None:
+    for seed in range(20):
+        data = random.Random(seed).randbytes(70_000)
+        assert c_upper()(data) == expected(data)
 
 
 def test_large_inputs_from_many_threads() -> None:
