@@ -51,7 +51,15 @@ typedef struct {
     unsigned char bytes[MAX_MAPPED];    /* the UTF-8 of the upper case */
 } Mapping;
 
+/* Two-byte sequences (U+0080..U+07FF: Latin, Greek, Cyrillic, Hebrew, Arabic...) are upper-cased
+ * through a direct table of their output: TWO_BYTE entries of two bytes, one per code point. */
+#define TWO_BYTE (0x800 - 0x80)
+
 typedef struct {
+    /* two_byte[cp - 0x80]: the UTF-8 of cp's upper case, or of cp itself when it has none; 00 00
+     * where the upper case is not two bytes long (U+0131 -> "I", U+0149 -> 3 bytes), which the
+     * two-level table below handles. */
+    unsigned char two_byte[TWO_BYTE][2];
     uint16_t block_of[NBLOCKS];         /* code point >> BLOCK_BITS -> its block (0: none maps) */
     uint16_t (*slots)[BLOCK];           /* slots[block][cp % BLOCK] -> its mapping (0: none) */
     Mapping *mappings;                  /* mappings[0] is the empty "unchanged" one */
@@ -163,6 +171,24 @@ compile_table(PyObject *mapping)
             table->growth = (size + in - 1) / in;
         }
     }
+    /* The direct table of two-byte sequences: each code point's own UTF-8, then the mappings
+     * that keep that length over it, and 00 00 over the others. */
+    for (cp = 0x80; cp < 0x800; cp++) {
+        table->two_byte[cp - 0x80][0] = (unsigned char)(0xC0 | (cp >> 6));
+        table->two_byte[cp - 0x80][1] = (unsigned char)(0x80 | (cp & 0x3F));
+    }
+    pos = 0;
+    while (PyDict_Next(mapping, &pos, &key, &value)) {
+        cp = PyLong_AsLong(key);
+        if (cp >= 0x80 && cp < 0x800) {
+            if (PyBytes_GET_SIZE(value) == 2) {
+                memcpy(table->two_byte[cp - 0x80], PyBytes_AS_STRING(value), 2);
+            }
+            else {
+                memset(table->two_byte[cp - 0x80], 0, 2);
+            }
+        }
+    }
     capsule = PyCapsule_New(table, CAPSULE_NAME, capsule_destructor);
     if (capsule == NULL) {
         table_free(table);
@@ -187,11 +213,16 @@ upper_utf8(const Table *table, const unsigned char *data, Py_ssize_t n, Py_ssize
         unsigned long cp = 0;
         Py_ssize_t len;
 
-        if (c < 0x80) {
-            /* A run of ASCII. Eight bytes at a time while all eight are ASCII: in each byte b
-             * (0..7F), b + 1F has its top bit set when b >= 'a', b + 05 when b > 'z' (no carry
-             * into the next byte either way), so their top bits give the lower-case letters,
-             * and moving that bit to 0x20 and flipping it upper-cases them. */
+        if (c < 0xC2 || c > 0xF4) {
+            /* A run of bytes that start no multi-byte sequence: ASCII, and bytes that are not
+             * UTF-8 on their own (C0, C1, F5-FF, continuation bytes), which pass through. One
+             * run for both, so that bytes which are not UTF-8, where ASCII and the rest
+             * alternate at random, do not mispredict a branch between them at every byte.
+             *
+             * Eight bytes at a time while all eight are ASCII: in each byte b (0..7F), b + 1F
+             * has its top bit set when b >= 'a', b + 05 when b > 'z' (no carry into the next
+             * byte either way), so their top bits give the lower-case letters, and moving that
+             * bit to 0x20 and flipping it upper-cases them. */
             while (end - in >= 8) {
                 uint64_t word, lower;
                 memcpy(&word, in, 8);
@@ -204,12 +235,25 @@ upper_utf8(const Table *table, const unsigned char *data, Py_ssize_t n, Py_ssize
                 in += 8;
                 o += 8;
             }
-            /* The rest of the run, a byte at a time: a-z is 61-7A, one unsigned compare. */
-            while (in < end && *in < 0x80) {
+            /* The rest of the run, a byte at a time: a-z is 61-7A, one unsigned compare, and
+             * every other byte stays. */
+            while (in < end && (*in < 0xC2 || *in > 0xF4)) {
                 c = *in++;
                 *o++ = (unsigned char)(c - 0x61u < 26u ? c - 0x20u : c);
             }
             continue;
+        }
+        /* A valid two-byte sequence whose upper case is two bytes too (or that has none). */
+        if (c <= 0xDF && end - in >= 2 && (in[1] & 0xC0) == 0x80) {
+            const unsigned char *two =
+                table->two_byte[(((c & 0x1Fu) << 6) | (in[1] & 0x3Fu)) - 0x80];
+            if (two[0] != 0) {
+                o[0] = two[0];
+                o[1] = two[1];
+                o += 2;
+                in += 2;
+                continue;
+            }
         }
         /* Decode one sequence under CPython's strict rules (the lead byte fixes the length and
          * the range of the second byte; later bytes are 80-BF). Anything else is invalid. */
