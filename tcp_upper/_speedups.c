@@ -414,7 +414,7 @@ command_line_around(const unsigned char *data, Py_ssize_t n, Py_ssize_t x, int a
     if (IS_LETTER(data[start], 's')) {
         start -= 2;
     }
-    else if (data[start] == 0xBF && data[start - 1] == 0xC5 && start >= 3) {
+    else if (start >= 3 && data[start - 1] == 0xC5 && data[start] == 0xBF) {
         start -= 3;
     }
     else {
@@ -615,7 +615,8 @@ static struct PyModuleDef_Slot slots[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "tcp_upper._speedups",
-    .m_doc = "Upper-casing of UTF-8 bytes in C; see tcp_upper/casing.py.",
+    .m_doc = "Upper-casing of UTF-8 bytes and the disconnect-command search in C; see "
+             "tcp_upper/casing.py and tcp_upper/protocol.py.",
     .m_size = 0,
     .m_methods = methods,
     .m_slots = slots,
