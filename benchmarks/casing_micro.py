@@ -1,17 +1,21 @@
 """Time per 64 KiB of upper-casing, C accelerator against the pure-Python fallback, in one run.
 
-usage: python benchmarks/casing_micro.py [--repeat N]
+usage: python benchmarks/casing_micro.py [--repeat N] [--other PATH]
 
 Rows are payloads: ASCII, Spanish prose with accents, random bytes (mostly invalid UTF-8),
-Cyrillic and Greek text. Columns: ``bytes.upper()`` (ASCII only, the floor), the definition
-``decode("utf-8", "surrogateescape").upper().encode(...)``, the pure-Python fallback of
-tcp_upper.casing (the definition plus its Latin-1 table) and ``casing.upper`` with the C
-extension. Figures are the minimum over repeats (timeit); compare within one run only.
+Cyrillic and Greek text, lines of accented letters only. Columns: ``bytes.upper()`` (ASCII only,
+the floor), the definition ``decode("utf-8", "surrogateescape").upper().encode(...)``, the
+pure-Python fallback of tcp_upper.casing (the definition plus its Latin-1 table) and
+``casing.upper`` with the C extension. ``--other PATH`` adds a column for another build of the
+extension (a ``_speedups*.so`` built from an earlier _speedups.c, say), to compare two versions
+of the C code in one run. Figures are the minimum over repeats (timeit); compare within one
+run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import sys
 import timeit
@@ -46,6 +50,7 @@ PAYLOADS = {
     "spanish": repeat_to_size(SPANISH.encode()),
     "random bytes": random.Random(8).randbytes(SIZE),
     "cyrillic+greek": repeat_to_size(CYRILLIC_GREEK.encode()),
+    "accented": repeat_to_size("ñáéíóúüçàè".encode() * 3 + b"\n"),  # the load's non-ascii class
 }
 
 
@@ -60,9 +65,21 @@ def per_64k(function: Callable[[bytes], bytes], data: bytes, repeat: int) -> flo
     return best * 1e6 * SIZE / len(data)
 
 
+def other_build(path: str) -> Callable[[bytes], bytes]:
+    """upper() from the extension built at *path*, bound to this Python's table."""
+    spec = importlib.util.spec_from_file_location("_speedups", path)  # its PyInit__speedups
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    upper: Callable[[bytes], bytes] = module.make_upper(casing.upper_table())
+    return upper
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--other", metavar="PATH", help="another build of tcp_upper._speedups")
     args = parser.parse_args(argv)
     accelerated = casing._accelerator()
     columns: dict[str, Callable[[bytes], bytes] | None] = {
@@ -74,6 +91,8 @@ def main(argv: list[str]) -> int:
         if accelerated is not None else None,
         "C alone": accelerated,
     }
+    if args.other:
+        columns["other C"] = other_build(args.other)
     print(f"Python {sys.version.split()[0]}; microseconds per 64 KiB, min of {args.repeat}; "
           f"C extension: {'yes' if accelerated else 'no (not built, or TCP_UPPER_PURE_PYTHON=1)'}")
     print(f"{'payload':<16}" + "".join(f"{name:>13}" for name in columns) + f"{'pure/C':>9}")

@@ -15,6 +15,9 @@
  * loop runs without the GIL, and a second make_upper() (a reload of casing.py) never frees a
  * table another thread is using.
  *
+ * find_command_line(data, at_line_start) finds the first complete line of data that is the
+ * disconnect command (see find_command_line below and tcp_upper/protocol.py).
+ *
  * Plain C API, no limited API: builds on CPython 3.9 to 3.13.
  */
 #define PY_SSIZE_T_CLEAN
@@ -529,6 +532,200 @@ upper(PyObject *capsule, PyObject *data)
     return result;
 }
 
+/* --- The disconnect command --------------------------------------------------------------
+ *
+ * The rule (tcp_upper/protocol.py states it above _S_FORMS; its _classify is the oracle): a
+ * command line is up to MAX_BLANKS spaces or tabs, the word, up to MAX_BLANKS spaces, tabs or
+ * CRs, then "\n". The word is "desconexion" in ASCII letters of either case, except that the S
+ * may also be U+017F (C5 BF) and the last O may also be Ó or ó (C3 93, C3 B3) or O/o followed by
+ * U+0301 (CC 81) or U+0341 (CD 81).
+ *
+ * Every spelling has exactly one X (x or X) and blanks are not X, so a command line holds exactly
+ * one X: the scan looks for X bytes only, and checks the line around each one. That check reads
+ * at most the word and MAX_BLANKS + 1 bytes on either side of it, so any input costs one pass
+ * plus a bounded amount per X, whatever its lines look like. */
+#define MAX_BLANKS 32
+
+/* Byte c, with ASCII letters folded to lower case, is the letter l (lower case). Setting 0x20
+ * only merges each upper-case letter with its lower case (and no other byte with a letter). */
+#define IS_LETTER(c, l) (((c) | 0x20u) == (unsigned)(l))
+
+/* data[at..at+len) is the ASCII text word (lower case), letters in either case. */
+static int
+letters_at(const unsigned char *data, Py_ssize_t at, const char *word, Py_ssize_t len)
+{
+    for (Py_ssize_t i = 0; i < len; i++) {
+        if (!IS_LETTER(data[at + i], (unsigned char)word[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The byte at x (data[x] is x or X) is the X of a command line: return where that line
+ * starts, or -1. Only a complete line counts (it ends with "\n" inside data[0..n)); offset 0
+ * starts a line only when at_line_start. */
+static Py_ssize_t
+command_line_around(const unsigned char *data, Py_ssize_t n, Py_ssize_t x, int at_line_start)
+{
+    Py_ssize_t start, end, blanks;
+
+    /* Backward: "de", the S ("s" or C5 BF), "cone", then this X. */
+    if (x < 7 || !letters_at(data, x - 4, "cone", 4)) {
+        return -1;
+    }
+    start = x - 5;
+    if (IS_LETTER(data[start], 's')) {
+        start -= 2;
+    }
+    else if (start >= 3 && data[start - 1] == 0xC5 && data[start] == 0xBF) {
+        start -= 3;
+    }
+    else {
+        return -1;
+    }
+    if (!letters_at(data, start, "de", 2)) {
+        return -1;
+    }
+    /* Forward: "i", the last O (o; o + CC 81 or CD 81; C3 93 or C3 B3), "n". The shortest
+     * spelling and its newline take data[x+1..x+4]: with those four bytes there, every byte
+     * read below up to the N is inside data. */
+    end = x + 1;
+    if (n - end < 4 || !IS_LETTER(data[end], 'i')) {
+        return -1;
+    }
+    end++;
+    if (IS_LETTER(data[end], 'o')) {
+        end += (data[end + 1] == 0xCC || data[end + 1] == 0xCD) && data[end + 2] == 0x81 ? 3 : 1;
+    }
+    else if (data[end] == 0xC3 && (data[end + 1] == 0x93 || data[end + 1] == 0xB3)) {
+        end += 2;
+    }
+    else {
+        return -1;
+    }
+    if (end >= n || !IS_LETTER(data[end], 'n')) {
+        return -1;
+    }
+    end++;
+    /* Trailing blanks (CR among them), at most MAX_BLANKS, then the newline. */
+    for (blanks = 0; end < n && blanks <= MAX_BLANKS
+         && (data[end] == ' ' || data[end] == '\t' || data[end] == '\r'); blanks++) {
+        end++;
+    }
+    if (blanks > MAX_BLANKS || end >= n || data[end] != '\n') {
+        return -1;
+    }
+    /* Leading blanks (no CR), at most MAX_BLANKS, after a newline or the start of data. */
+    for (blanks = 0; start > 0 && blanks <= MAX_BLANKS
+         && (data[start - 1] == ' ' || data[start - 1] == '\t'); blanks++) {
+        start--;
+    }
+    if (blanks > MAX_BLANKS) {
+        return -1;
+    }
+    if (start == 0) {
+        return at_line_start ? 0 : -1;
+    }
+    return data[start - 1] == '\n' ? start : -1;
+}
+
+/* 0x80 in each byte of v that is zero, 0 in every other byte. Exact: once the top bits are
+ * masked off, adding 7F to a byte cannot carry into the next one. */
+static uint64_t
+zero_bytes(uint64_t v)
+{
+    return ~(((v & ~ASCII_TOP_BITS) + ~ASCII_TOP_BITS) | v) & ASCII_TOP_BITS;
+}
+
+/* 0x80 in each of the eight bytes at p that is the letter l (lower case), in either case. */
+static uint64_t
+letter_bytes(const unsigned char *p, unsigned char l)
+{
+    uint64_t word;
+    memcpy(&word, p, 8);
+    return zero_bytes((word | 0x20 * ONES) ^ (l * ONES));
+}
+
+/* The first command line in data[0..n), as find_command_line() answers; runs without the GIL.
+ *
+ * An X can only be that of a command when it has at least 7 bytes before it and 4 after it
+ * ("descone" before, "ion\n" after, in the shortest spelling), and every spelling has "exi"
+ * around it. Eight positions at a time: a word with no X is skipped after one test; where
+ * there is one, the E before and the I after are tested for all eight at once too, and only the
+ * X that have both are checked one by one. So text with few X costs one quick pass, and only
+ * lines that hold "exi" (the word, or look-alikes such as DESCONEXIONES) cost a check each.
+ * Most text has no X at all, or its first one late: the scan starts there, found by memchr
+ * (vectorised further than this loop by the C library). */
+static Py_ssize_t
+find_command(const unsigned char *data, Py_ssize_t n, int at_line_start)
+{
+    const unsigned char *small = memchr(data, 'x', (size_t)n);
+    const unsigned char *capital = memchr(data, 'X', (size_t)(small ? small - data : n));
+    const unsigned char *first = capital ? capital : small;
+    Py_ssize_t i, line;
+
+    if (first == NULL) {
+        return -1;
+    }
+    i = first - data < 7 ? 7 : first - data;
+
+    /* Each step reads data[i-1..i+9): the eight positions and a byte either side. */
+    for (; i + 9 <= n; i += 8) {
+        uint64_t candidates = letter_bytes(data + i, 'x');
+        if (candidates == 0) {
+            continue;
+        }
+        candidates &= letter_bytes(data + i - 1, 'e') & letter_bytes(data + i + 1, 'i');
+        if (candidates != 0) {
+            unsigned char marked[8];  /* the mask's bytes in memory order, whatever the CPU's */
+            memcpy(marked, &candidates, 8);
+            for (int k = 0; k < 8; k++) {
+                if (marked[k] && (line = command_line_around(data, n, i + k, at_line_start)) >= 0) {
+                    return line;
+                }
+            }
+        }
+    }
+    /* The last few positions, one by one. */
+    for (; i < n; i++) {
+        if (IS_LETTER(data[i], 'x')) {
+            line = command_line_around(data, n, i, at_line_start);
+            if (line >= 0) {
+                return line;
+            }
+        }
+    }
+    return -1;
+}
+
+/* find_command_line(data: bytes, at_line_start: bool) -> int */
+static PyObject *
+find_command_line(PyObject *module, PyObject *args)
+{
+    PyObject *data;
+    int at_line_start;
+    Py_ssize_t n, line;
+    const unsigned char *bytes;
+
+    (void)module;
+    if (!PyArg_ParseTuple(args, "Sp:find_command_line", &data, &at_line_start)) {
+        return NULL;
+    }
+    bytes = (const unsigned char *)PyBytes_AS_STRING(data);
+    n = PyBytes_GET_SIZE(data);
+    if (n > RELEASE_GIL_ABOVE) {
+        /* The caller's reference keeps data alive, and bytes never change. */
+        Py_BEGIN_ALLOW_THREADS
+        line = find_command(bytes, n, at_line_start);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        line = find_command(bytes, n, at_line_start);
+    }
+    return PyLong_FromSsize_t(line);
+}
+
 /* Not in the module: make_upper() binds it to a table. */
 static PyMethodDef upper_def = {
     "upper", (PyCFunction)upper, METH_O,
@@ -564,6 +761,10 @@ static PyMethodDef methods[] = {
      "make_upper(mapping: dict[int, bytes]) -> upper(data: bytes) -> bytes\n\n"
      "mapping: every code point below 0x20000 that str.upper() changes, to the UTF-8 of its\n"
      "upper case (1 to 12 bytes)."},
+    {"find_command_line", (PyCFunction)find_command_line, METH_VARARGS,
+     "find_command_line(data: bytes, at_line_start: bool) -> int\n\n"
+     "Offset of the start of the first complete line of data that is the disconnect command\n"
+     "(offset 0 starts a line only when at_line_start), or -1."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,7 +12,9 @@ over the bytes; without a compiler at install time the pure-Python fallback is u
 that the next chunk may complete.
 
 ``TCP_UPPER_PURE_PYTHON=1`` in the environment forces the fallback (tests and benchmarks use it
-to compare both); :data:`ACCELERATED` says which one is in use.
+to compare both); :data:`ACCELERATED` says which one is in use, for this module and for
+tcp_upper.protocol, which takes the extension's command search from here
+(:data:`c_find_command_line`): one switch decides for both.
 """
 
 from __future__ import annotations
@@ -131,6 +133,20 @@ _c_upper = _accelerator()
 
 #: Whether :func:`upper` uses the C extension (False: the pure-Python fallback).
 ACCELERATED = _c_upper is not None
+
+
+def _command_finder() -> Callable[[bytes, bool], int] | None:
+    """The extension's ``find_command_line`` when :data:`ACCELERATED`, else None."""
+    if not ACCELERATED:
+        return None
+    from tcp_upper import _speedups
+    return _speedups.find_command_line
+
+
+#: ``find_command_line(data, at_line_start)`` in C, under the same switch as :func:`upper`; None
+#: when the extension is not in use (tcp_upper.protocol then searches with its regular
+#: expression).
+c_find_command_line = _command_finder()
 
 
 def upper(data: bytes) -> bytes:

@@ -27,9 +27,9 @@ import codecs
 import re
 import unicodedata
 from enum import Enum
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-from .casing import incomplete_tail, upper
+from .casing import c_find_command_line, incomplete_tail, upper
 
 #: The disconnect command, in the forms recognised after NFC normalisation and case folding.
 COMMANDS = tuple(unicodedata.normalize("NFC", word).casefold() for word in ("DESCONEXION",
@@ -50,6 +50,10 @@ _BLANKS = " \t"
 _TRAILING_BLANKS = " \t\r"  # the CR of a CRLF counts as a trailing blank
 
 # --- Finding the command in a chunk at C speed ------------------------------------------------
+#
+# With the C extension in use (tcp_upper.casing decides), _speedups.find_command_line does the
+# search below in one pass of its own, from the rule stated here; without it, this regular
+# expression and its gate do it with bytes methods and the re engine.
 #
 # The lines that _classify calls the command are exactly: up to MAX_BLANKS spaces or tabs, the
 # word, up to MAX_BLANKS spaces, tabs or CRs. In the word, after NFC and case folding, each letter
@@ -193,9 +197,9 @@ class UpperProtocol:
     calls return empty replies.
 
     A chunk costs a few passes in C whatever it says: a memchr for the X every command has;
-    where there is one, a translated copy and one find (and the exact regular expression only
-    when a line holds the word alone); then one upper-casing call. Only its unfinished last
-    line, a few bytes at most, is classified in Python.
+    where there is one, the search for a command line (:data:`_find_command_line`); then one
+    upper-casing call. Only its unfinished last line, a few bytes at most, is classified in
+    Python.
     """
 
     def __init__(self) -> None:
@@ -238,14 +242,10 @@ class UpperProtocol:
         if self._at_line_start:
             chunk = self._held + data if self._held else data
             self._held, self._holding = b"", False
-            pattern = _COMMAND_LINE_AT_START
         else:
-            chunk, pattern = data, _COMMAND_LINE
-        match = None
-        if (_X in chunk or _UPPER_X in chunk) and _may_hold_command(chunk, self._at_line_start):
-            match = pattern.search(chunk.lower())
-        if match is not None:
-            line = chunk.rfind(b"\n", 0, match.start()) + 1
+            chunk = data
+        line = _find_command_line(chunk, self._at_line_start)
+        if line >= 0:
             return self._close(self._upper(chunk[:line]), command=True)
         last_newline = chunk.rfind(b"\n")
         if last_newline >= 0 or self._at_line_start:
@@ -309,7 +309,30 @@ class UpperProtocol:
         return upper(data[:whole])
 
 
+def _search_command_line(chunk: bytes, at_line_start: bool) -> int:
+    """Where the first complete command line of *chunk* starts, or -1: the pure-Python
+    ``find_command_line`` (the X pre-check, the gate, then the exact regular expression).
+
+    The start of *chunk* starts a line only when *at_line_start*.
+    """
+    if (_X not in chunk and _UPPER_X not in chunk) or not _may_hold_command(chunk, at_line_start):
+        return -1
+    pattern = _COMMAND_LINE_AT_START if at_line_start else _COMMAND_LINE
+    match = pattern.search(chunk.lower())
+    if match is None:
+        return -1
+    return chunk.rfind(b"\n", 0, match.start()) + 1
+
+
 def _may_hold_command(chunk: bytes, at_line_start: bool) -> bool:
     """False when *chunk* surely holds no complete command line (see _GATE_TABLE)."""
     folded = chunk.translate(_GATE_TABLE, _GATE_DELETE)
     return _GATE_LINE in folded or (at_line_start and folded.startswith(_GATE_LINE[1:]))
+
+
+#: The search :meth:`UpperProtocol.feed` uses: the C one when tcp_upper.casing uses the
+#: extension, else the regular expression. On a 64 KiB chunk with an X the C search is 1.5-7
+#: times faster (one pass, no copy), and about 100 times on lines of 33+ blanks and the word,
+#: where the look-behind chains walk the blanks at every level (benchmarks/feed_micro.py).
+#: Tests swap it to run both.
+_find_command_line: Callable[[bytes, bool], int] = c_find_command_line or _search_command_line

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import unicodedata
 from collections.abc import Iterable
+from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +19,33 @@ from reference_protocol import ReferenceProtocol
 
 from tcp_upper import protocol as protocol_module
 from tcp_upper.protocol import HOLD_BACK_SECONDS, MAX_BLANKS, Reply, UpperProtocol, is_command
+
+try:
+    from tcp_upper._speedups import find_command_line as c_find_command_line
+except ImportError:  # no compiler at install time: only the regular expression is tested
+    c_find_command_line = None  # type: ignore[assignment]
+
+Search = Callable[[bytes, bool], int]
+
+
+def search_function(name: str) -> Search:
+    """The command search called *name*: "c" (the extension's, whatever TCP_UPPER_PURE_PYTHON
+    says) or "regex" (the pure-Python one)."""
+    if name == "c":
+        if c_find_command_line is None:
+            pytest.skip("tcp_upper._speedups is not built (no C compiler at install time)")
+        return c_find_command_line
+    return protocol_module._search_command_line
+
+
+@pytest.fixture(autouse=True, params=["c", "regex"])
+def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Search:
+    """Every test here runs twice, UpperProtocol.feed searching for the command line in C and
+    with the regular expression: both must give the same replies, whichever one casing chose
+    for this run."""
+    function = search_function(request.param)
+    monkeypatch.setattr(protocol_module, "_find_command_line", function)
+    return function
 
 NFD_COMMAND = unicodedata.normalize("NFD", "DESCONEXIÓN")  # O + U+0301 COMBINING ACUTE ACCENT
 assert NFD_COMMAND == "DESCONEXIO\u0301N"
@@ -484,8 +512,10 @@ def test_a_huge_line_of_multibyte_characters_split_anywhere_keeps_at_most_one_ch
 
 # --- hypothesis properties -----------------------------------------------------------------------
 
-PROPERTY_SETTINGS = settings(deadline=None, max_examples=150,
-                             suppress_health_check=[HealthCheck.too_slow])
+# The search fixture is function-scoped, but the same for every example of a test: not reset
+# between examples on purpose.
+SUPPRESSED = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+PROPERTY_SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=SUPPRESSED)
 
 blanks = st.text(alphabet=" \t", max_size=MAX_BLANKS + 2)
 trailing_blanks = st.text(alphabet=" \t\r", max_size=MAX_BLANKS + 2)
@@ -588,9 +618,13 @@ FORMS = ("desconexion", "desconexi\u00f3n")  # the command words after NFC and c
 
 
 def matches_fast_path(line: str) -> bool:
-    """Whether the chunk scanner finds *line* (one line, no newline) as a complete command line."""
-    data = ("x\n" + line + "\n").encode("utf-8", "surrogateescape").lower()
-    return protocol_module._COMMAND_LINE.search(data) is not None
+    """Whether the command search in use finds *line* (one line, no newline) as a complete
+    command line, after another line and at the start of a chunk that starts a line."""
+    data = line.encode("utf-8", "surrogateescape") + b"\n"
+    found = protocol_module._find_command_line(b"x\n" + data, False)
+    assert found in (-1, 2)
+    assert protocol_module._find_command_line(data, True) == (0 if found == 2 else -1)
+    return found == 2
 
 
 def every_code_point_folded() -> list[tuple[str, str]]:
@@ -664,8 +698,8 @@ def check_same_as_reference(chunks: list[bytes], settles: list[bool], eof: bool)
 
 
 @st.composite
-def tricky_words(draw: st.DrawFn) -> str:
-    """The command word with every spelling the classifier accepts, sometimes cut or spoilt."""
+def spelled_words(draw: st.DrawFn) -> str:
+    """The command word, in any of the spellings the classifier accepts."""
     letters = []
     for letter in "desconexi\u00f3n":
         if letter == "s":
@@ -675,7 +709,13 @@ def tricky_words(draw: st.DrawFn) -> str:
         else:
             options = [letter, letter.upper()]
         letters.append(draw(st.sampled_from(options)))
-    word = "".join(letters)
+    return "".join(letters)
+
+
+@st.composite
+def tricky_words(draw: st.DrawFn) -> str:
+    """The command word with every spelling the classifier accepts, sometimes cut or spoilt."""
+    word = draw(spelled_words())
     cut = draw(st.integers(0, len(word) + 2))
     spoil = draw(st.sampled_from(["", "", "", "ES", "x", "\u0301", " x", "N", "\u00e9"]))
     return word[:cut] + spoil
@@ -699,7 +739,106 @@ tricky_streams = st.lists(st.tuples(tricky_lines, st.sampled_from([b"\n", b"\r\n
                           max_size=10).map(lambda parts: b"".join(a + b for a, b in parts))
 
 
-@settings(deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+# --- The command search on its own ----------------------------------------------------------
+
+def first_command_line(chunk: bytes, at_line_start: bool) -> int:
+    """The oracle of the search: where the first complete line that _classify calls the
+    command starts (the first line of *chunk* is one only when *at_line_start*), or -1."""
+    start = 0
+    for index, line in enumerate(chunk.split(b"\n")[:-1]):  # the complete lines
+        text = line.decode("utf-8", "surrogateescape")
+        if ((index or at_line_start)
+                and protocol_module._classify(text) is protocol_module._Line.COMMAND):
+            return start
+        start += len(line) + 1
+    return -1
+
+
+blank_runs = st.builds(lambda blank, count: blank * count,
+                       st.sampled_from([" ", "\t", "\r", " \t", "\r ", "\x0b", "\x0c "]),
+                       st.integers(0, MAX_BLANKS + 2))
+search_pieces = st.one_of(
+    # Whole lines that are often the command, or miss it by a blank too many, a missing newline.
+    st.builds(lambda a, w, b, end: a + w + b + end, blank_runs, spelled_words(), blank_runs,
+              st.sampled_from(["\n", "\r\n", ""])),
+    tricky_words(), blank_runs,
+    st.sampled_from(["\n", "\r\n", "x", "X", "exi", "de", "desco", "nexion", "\u017f", "\u00d3",
+                     "\u00f3", "\u0301", "\u0341"]),
+    text_lines,
+).map(lambda piece: piece.encode())
+search_chunks = st.lists(st.one_of(
+    search_pieces,
+    st.binary(max_size=12),
+    st.sampled_from([b"\xc3", b"\xc5", b"\xcc", b"\xcd", b"\x81", b"\x93", b"\xb3", b"\xbf"]),
+), max_size=14).map(b"".join)
+
+
+@settings(deadline=None, max_examples=1000, suppress_health_check=SUPPRESSED)
+@given(chunk=search_chunks, at_line_start=st.booleans())
+def test_the_search_finds_the_first_command_line_as_the_classifier_does(
+        search: Search, chunk: bytes, at_line_start: bool) -> None:
+    expected = first_command_line(chunk, at_line_start)
+    assert search(chunk, at_line_start) == expected
+    assert protocol_module._search_command_line(chunk, at_line_start) == expected
+
+
+WORD = b"desconexion"
+
+
+@pytest.mark.parametrize(("chunk", "at_line_start", "found"), [
+    (WORD + b"\n", True, 0),
+    (WORD + b"\n", False, -1),  # the chunk starts inside a line
+    (b"a\n" + WORD + b"\n", False, 2),
+    (b" " * MAX_BLANKS + WORD + b"\n", True, 0),
+    (b" " * (MAX_BLANKS + 1) + WORD + b"\n", True, -1),
+    (b"a\n" + b"\t" * MAX_BLANKS + b"DESCONEXION\n", False, 2),
+    (b"a\n" + b"\t" * (MAX_BLANKS + 1) + b"DESCONEXION\n", False, -1),
+    (b"\n" + b" \t" * (MAX_BLANKS // 2) + WORD + b"\n", False, 1),
+    (WORD + b" " * MAX_BLANKS + b"\n", True, 0),
+    (WORD + b" " * (MAX_BLANKS + 1) + b"\n", True, -1),
+    (WORD + b"\r" * MAX_BLANKS + b"\n", True, 0),
+    (WORD + b"\t" * (MAX_BLANKS - 1) + b"\r\n", True, 0),
+    (WORD + b"\t" * MAX_BLANKS + b"\r\n", True, -1),
+    (b"\r" + WORD + b"\n", True, -1),  # a CR is a blank only after the word
+    (WORD + b"\x0b\n", True, -1),  # nor is a vertical tab or a form feed, anywhere
+    (b"\x0c" + WORD + b"\n", True, -1),
+    (b"a\n \r" + WORD + b"\n", False, -1),
+    (b"desco nexion\n", True, -1),
+    (b"desconexi on\n", True, -1),
+    (b"x " + WORD + b"\n", True, -1),
+    (WORD + b"es\n", True, -1),
+    (WORD, True, -1),  # no newline: the line is not complete
+    (WORD + b" \r", True, -1),
+    (b"a\nDESCONEXI\xc3\x93", False, -1),
+    (b"a\nDESCONEXI\xc3\x93N", False, -1),
+    (b"hola\nDE\xc5\xbfCONEXIO\xcd\x81N\r\n", False, 5),
+    (b"hola\nde\xc5\xbfconexio\xcc\x81n \n", False, 5),
+    (b"desconexi\xc3\xb3n\n", True, 0),
+    (b"desconexi\xc3\xb3\xcc\x81n\n", True, -1),
+    (b"desconexio\xcc\x81\xcc\x81n\n", True, -1),
+    (b"desconexio\xcc\x80n\n", True, -1),  # U+0300, a grave accent
+    (b"de\xc5\xbf\xc5\xbfconexion\n", True, -1),
+    (b"de\xbfconexion\n", True, -1),  # half of U+017F
+    (b"DESCONEXIONES\nx\n  Desconexi\xc3\xb3n\t\n" + WORD + b"\n", True, 16),
+], ids=repr)
+def test_the_search_at_the_limits(
+        search: Search, chunk: bytes, at_line_start: bool, found: int) -> None:
+    assert first_command_line(chunk, at_line_start) == found  # the oracle agrees
+    assert search(chunk, at_line_start) == found
+
+
+@pytest.mark.parametrize("line", [b"x desconexion", b"desco nexion", b" " * 40 + WORD, b"d",
+                                  b"x" * 50, b"exi" * 20, b"desconexiones", b"\xff" * 30])
+def test_the_search_in_large_chunks_of_look_alikes(search: Search, line: bytes) -> None:
+    """Eight-byte steps and their ends: the command after any number of look-alike lines."""
+    for count in (0, 1, 2, 3, 5, 7, 100, 5000):
+        body = (line + b"\n") * count
+        assert search(body, True) == -1, count
+        for command in (WORD + b"\n", b"\t" + WORD + b"\r\n", b"de\xc5\xbfconexi\xc3\xb3n\n"):
+            assert search(body + command + body, True) == len(body), (count, command)
+
+
+@settings(deadline=None, max_examples=400, suppress_health_check=SUPPRESSED)
 @given(data=tricky_streams, draw=st.data(), eof=st.booleans())
 def test_the_fast_path_answers_exactly_as_the_per_line_reference_in_any_chunking(
         data: bytes, draw: st.DataObject, eof: bool) -> None:
