@@ -569,22 +569,24 @@ static Py_ssize_t
 command_line_around(const unsigned char *data, Py_ssize_t n, Py_ssize_t x, int at_line_start)
 {
     Py_ssize_t start, end, blanks;
+    uint64_t word, desconex;
 
-    /* Backward: "de", the S ("s" or C5 BF), "cone", then this X. */
-    if (x < 7 || !letters_at(data, x - 4, "cone", 4)) {
+    memcpy(&desconex, "desconex", 8);
+    /* Backward: "de", the S ("s" or C5 BF), "cone", then this X. The usual spelling is one
+     * comparison of eight bytes with their letters folded (OR 0x20 turns a byte into a given
+     * lower-case letter only if it is that letter in either case). */
+    if (x < 7) {
         return -1;
     }
-    start = x - 5;
-    if (IS_LETTER(data[start], 's')) {
-        start -= 2;
+    memcpy(&word, data + x - 7, 8);
+    if ((word | 0x20 * ONES) == desconex) {
+        start = x - 7;
     }
-    else if (start >= 3 && data[start - 1] == 0xC5 && data[start] == 0xBF) {
-        start -= 3;
+    else if (x >= 8 && letters_at(data, x - 4, "cone", 4) && data[x - 5] == 0xBF
+             && data[x - 6] == 0xC5 && letters_at(data, x - 8, "de", 2)) {
+        start = x - 8;
     }
     else {
-        return -1;
-    }
-    if (!letters_at(data, start, "de", 2)) {
         return -1;
     }
     /* Forward: "i", the last O (o; o + CC 81 or CD 81; C3 93 or C3 B3), "n". The shortest
