@@ -97,6 +97,8 @@ def _line_start_chain(before: bytes, level: int, *, at_start: bool) -> bytes:
 
 def _command_line_pattern(*, at_start: bool) -> re.Pattern[bytes]:
     """A complete command line in a lower-cased chunk, found from its literal "conexi"."""
+    # The byte after the word was the newline, or it was a blank and more may follow.
+    tail = rb"(?:(?<=\n)|[ \t\r]{0,%d}\n)" % (MAX_BLANKS - 1)
     words = []
     for o in _O_FORMS:
         # The word and the byte after it, which must be a blank or the newline.
@@ -104,13 +106,16 @@ def _command_line_pattern(*, at_start: bool) -> re.Pattern[bytes]:
         heads = []
         for s in _S_FORMS:
             word = re.escape(b"de" + s) + rb"conexi" + word_end
-            # The word, then no letter glued before it: two cheap checks that stop most
-            # look-alikes ("xconexion", "xdesconexion") before the chain walks any blank.
+            # The word, then no letter glued before it, then not more blanks before it than a
+            # command may have: three cheap checks that stop most look-alikes ("xconexion",
+            # "xdesconexion", 40 blanks and the word) before the chain walks any blank (it
+            # would walk all 32 levels for each such line).
             heads.append(rb"(?<=" + word + rb")(?<![^\n \t]" + word + rb")"
+                         + rb"(?<![ \t]{%d}" % (MAX_BLANKS + 1) + word + rb")"
                          + _line_start_chain(word, 0, at_start=at_start))
-        words.append(word_end + rb"(?:" + rb"|".join(heads) + rb")")
-    # The byte after the word was the newline, or it was a blank and more may follow.
-    tail = rb"(?:(?<=\n)|[ \t\r]{0,%d}\n)" % (MAX_BLANKS - 1)
+        # The end of the line is checked first, as a look-ahead: it is a short forward scan,
+        # and a line with too many blanks or text after the word never reaches the chain.
+        words.append(word_end + rb"(?=" + tail + rb")(?:" + rb"|".join(heads) + rb")")
     return re.compile(rb"conexi(?:" + rb"|".join(words) + rb")" + tail)
 
 
