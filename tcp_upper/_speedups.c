@@ -391,6 +391,23 @@ upper_binary(const Table *table, const unsigned char **in_p, const unsigned char
             const unsigned char *w = in + 8 * __builtin_ctzll(with_lead);
             unsigned int leads = 0, j;
             with_lead &= with_lead - 1;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            if (end - w >= 9) {
+                /* Byte j of the mask: w[j] is C2 or above and w[j + 1] is 80-BF (top bits
+                 * 10: bit 6 of each byte shifted into bit 7 of the same byte is clear). Only
+                 * those few are looked up. */
+                uint64_t word, next, candidates;
+                memcpy(&word, w, 8);
+                memcpy(&next, w + 1, 8);
+                candidates = ANY_LEAD(word) & next & ~(next << 1) & ASCII_TOP_BITS;
+                while (candidates) {
+                    j = (unsigned int)__builtin_ctzll(candidates) >> 3;
+                    candidates &= candidates - 1;
+                    leads |= (unsigned int)table->starts_mapped[w[j]] << j;
+                }
+            }
+            else
+#endif
             for (j = 0; j < 8; j++) {
                 leads |= (unsigned int)(table->starts_mapped[w[j]]
                                         & (end - (w + j) >= 2 && (w[j + 1] & 0xC0) == 0x80)) << j;
