@@ -18,12 +18,12 @@ are all non-ASCII or not UTF-8 at all.
 from __future__ import annotations
 
 import bisect
-import codecs
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
+from ..casing import incomplete_tail
 from ..protocol import UpperProtocol
 
 _FILLER = b"hola servidor "
@@ -147,9 +147,7 @@ def _cut_to(unit: bytes, size: int) -> bytes:
     if len(unit) <= size or unit.index(b"\n") == len(unit) - 1:
         return unit
     body = unit[:size - 1]
-    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-    decoder.decode(body)
-    split = len(decoder.getstate()[0])
+    split = incomplete_tail(body)
     return body[:len(body) - split] + b" " * split + b"\n"
 
 
