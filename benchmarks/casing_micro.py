@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--other", metavar="PATH", help="another build of tcp_upper._speedups")
     args = parser.parse_args(argv)
-    accelerated = casing._accelerator()
+    accelerated = casing._c_upper
     columns: dict[str, Callable[[bytes], bytes] | None] = {
         "bytes.upper": bytes.upper,
         "definition": definition,

@@ -20,6 +20,7 @@ tcp_upper.protocol, which takes the extension's command search from here
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import Callable
 
 #: Code points from here on never change under ``str.upper()`` (tests/test_casing.py checks it
@@ -118,35 +119,31 @@ def upper_table() -> dict[int, bytes]:
     return table
 
 
-def _accelerator() -> Callable[[bytes], bytes] | None:
-    """The C upper-casing bound to this Python's table, or None (no extension, or not wanted)."""
+def _extension() -> ModuleType | None:
+    """The C extension, or None (not built, or ``TCP_UPPER_PURE_PYTHON=1``)."""
     if os.environ.get("TCP_UPPER_PURE_PYTHON") == "1":
         return None
     try:
         from tcp_upper import _speedups
     except ImportError:
         return None
-    return _speedups.make_upper(upper_table())
+    return _speedups
 
 
-_c_upper = _accelerator()
+_speedups = _extension()
+
+#: The C upper-casing bound to this Python's table, or None.
+_c_upper: Callable[[bytes], bytes] | None = (
+    None if _speedups is None else _speedups.make_upper(upper_table()))
 
 #: Whether :func:`upper` uses the C extension (False: the pure-Python fallback).
-ACCELERATED = _c_upper is not None
-
-
-def _command_finder() -> Callable[[bytes, bool], int] | None:
-    """The extension's ``find_command_line`` when :data:`ACCELERATED`, else None."""
-    if not ACCELERATED:
-        return None
-    from tcp_upper import _speedups
-    return _speedups.find_command_line
-
+ACCELERATED = _speedups is not None
 
 #: ``find_command_line(data, at_line_start)`` in C, under the same switch as :func:`upper`; None
 #: when the extension is not in use (tcp_upper.protocol then searches with its regular
 #: expression).
-c_find_command_line = _command_finder()
+c_find_command_line: Callable[[bytes, bool], int] | None = (
+    None if _speedups is None else _speedups.find_command_line)
 
 
 def upper(data: bytes) -> bytes:

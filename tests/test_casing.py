@@ -205,7 +205,7 @@ def test_extension_is_built_here() -> None:
 
 def test_pure_python_forced_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TCP_UPPER_PURE_PYTHON", "1")
-    assert casing._accelerator() is None
+    assert casing._extension() is None
 
 
 @pytest.mark.parametrize("data", [
