@@ -24,6 +24,13 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+/* SSE2 (every x86-64 CPU has it) scans for the command sixteen bytes an instruction; elsewhere,
+ * or built with -DTCP_UPPER_NO_SSE2 (tests/test_casing.py does, to test that path too), eight
+ * bytes at a time in plain C. */
+#if defined(__SSE2__) && !defined(TCP_UPPER_NO_SSE2)
+#define USE_SSE2 1
+#include <emmintrin.h>
+#endif
 
 /* Code points at or above LIMIT never change under str.upper() (tests/test_casing.py checks it
  * for the running Python), so the table only covers 0..LIMIT-1. */
@@ -68,9 +75,14 @@ typedef struct {
     unsigned char starts_mapped[256];   /* 1 for a lead byte of some mapped code point */
     uint16_t two_byte[0x800];           /* U+0080..U+07FF -> its 2-byte upper case, 0 if none,
                                            LONGER if it is not 2 bytes (use mappings) */
+    uint16_t pairs[0x10000];            /* two bytes as they lie in memory -> their upper case
+                                           as it lies in memory, when the two are two ASCII
+                                           characters or one two-byte character that stays two
+                                           bytes; NOT_PAIR for anything else */
 } Table;
 
 #define LONGER 1
+#define NOT_PAIR 0xFFFF  /* FF FF: never the upper case of a pair (FF is not in UTF-8) */
 
 static void
 table_free(Table *table)
@@ -118,6 +130,32 @@ check_entry(PyObject *key, PyObject *value, long *cp)
         return -1;
     }
     return 0;
+}
+
+/* table->pairs from ascii_upper and table->two_byte. Indexed and filled through memcpy, so it
+ * is right whatever the CPU's byte order. */
+static void
+fill_pairs(Table *table)
+{
+    for (unsigned int a = 0; a < 256; a++) {
+        for (unsigned int b = 0; b < 256; b++) {
+            unsigned char raw[2] = {(unsigned char)a, (unsigned char)b}, upper[2] = {0xFF, 0xFF};
+            uint16_t index;
+            if (a < 0x80 && b < 0x80) {
+                upper[0] = ascii_upper[a];
+                upper[1] = ascii_upper[b];
+            }
+            else if (a >= 0xC2 && a <= 0xDF && (b & 0xC0) == 0x80) {
+                unsigned int u = table->two_byte[((a & 0x1Fu) << 6) | (b & 0x3Fu)];
+                if (u != LONGER) {
+                    upper[0] = u ? (unsigned char)(u >> 8) : (unsigned char)a;
+                    upper[1] = u ? (unsigned char)u : (unsigned char)b;
+                }
+            }
+            memcpy(&index, raw, 2);
+            memcpy(&table->pairs[index], upper, 2);
+        }
+    }
 }
 
 /* The table compiled from mapping (dict[int, bytes]), in a capsule; NULL on error. */
@@ -183,6 +221,7 @@ compile_table(PyObject *mapping)
             table->growth = (size + in - 1) / in;
         }
     }
+    fill_pairs(table);
     capsule = PyCapsule_New(table, CAPSULE_NAME, capsule_destructor);
     if (capsule == NULL) {
         table_free(table);
@@ -306,12 +345,16 @@ upper_bytes(const Table *table, const unsigned char **in_p, const unsigned char 
     return room;
 }
 
-/* Text (ASCII, accents, other scripts): eight bytes at a time while none can start a
- * multi-byte sequence, then sixteen byte by byte. All ASCII: in each byte b (0..7F), b + 1F has
- * its top bit set when b >= 'a', b + 05 when b > 'z' (no carry into the next byte either way),
- * so their top bits give the lower-case letters, and moving that bit to 0x20 and flipping it
- * upper-cases them. With bytes 80-C1 (continuation bytes, which only change inside a sequence,
- * and invalid ones) the table does it byte by byte. Returns 0 when out of room. */
+/* Text (ASCII, accents, other scripts): eight bytes at a time while all are ASCII, then two at
+ * a time from table->pairs while they are two ASCII characters or one two-byte character (up
+ * to PAIR_RUN bytes, then ASCII is tried again), then one character by upper_bytes where they
+ * are neither (an ASCII byte before a two-byte character, a longer sequence, an invalid byte);
+ * so dense two-byte text (accents, Cyrillic, Greek) costs one lookup per character and no
+ * branch that depends on the text. Eight ASCII bytes: in each byte b (0..7F), b + 1F has its
+ * top bit set when b >= 'a', b + 05 when b > 'z' (no carry into the next byte either way), so
+ * their top bits give the lower-case letters, and moving that bit to 0x20 and flipping it
+ * upper-cases them. Returns 0 when out of room. */
+#define PAIR_RUN 32
 static NOINLINE int
 upper_text(const Table *table, const unsigned char **in_p, const unsigned char *end,
            unsigned char **o_p, const unsigned char *out_end)
@@ -321,27 +364,34 @@ upper_text(const Table *table, const unsigned char **in_p, const unsigned char *
     int room = 1;
 
     while (in < end && room) {
+        const unsigned char *stop;
         while (end - in >= 8) {
             uint64_t word, lower;
-            int k;
             memcpy(&word, in, 8);
-            if (!(word & ASCII_TOP_BITS)) {
-                lower = (word + 0x1F * ONES) & ~(word + 0x05 * ONES) & ASCII_TOP_BITS;
-                word ^= lower >> 2;
-                memcpy(o, &word, 8);
-            }
-            else if (!ANY_LEAD(word)) {
-                for (k = 0; k < 8; k++) {
-                    o[k] = ascii_upper[in[k]];
-                }
-            }
-            else {
+            if (word & ASCII_TOP_BITS) {
                 break;
             }
+            lower = (word + 0x1F * ONES) & ~(word + 0x05 * ONES) & ASCII_TOP_BITS;
+            word ^= lower >> 2;
+            memcpy(o, &word, 8);
             in += 8;
             o += 8;
         }
-        room = upper_bytes(table, &in, end - in > 16 ? in + 16 : end, end, &o, out_end);
+        stop = end - in > PAIR_RUN ? in + PAIR_RUN : end - 1;  /* in[1] is inside */
+        while (in < stop) {
+            uint16_t raw, upper;
+            memcpy(&raw, in, 2);
+            upper = table->pairs[raw];
+            if (upper == NOT_PAIR) {
+                break;
+            }
+            memcpy(o, &upper, 2);
+            in += 2;
+            o += 2;
+        }
+        if (in < end) {
+            room = upper_bytes(table, &in, in + 1, end, &o, out_end);
+        }
     }
     *in_p = in;
     *o_p = o;
@@ -666,16 +716,31 @@ letter_bytes(const unsigned char *p, unsigned char l)
     return zero_bytes((word | 0x20 * ONES) ^ (l * ONES));
 }
 
+#if defined(USE_SSE2)
+/* Bit k: p[k] is an X with an E before it and an I after it (k 0..15; reads p[-1..17)). */
+static inline unsigned int
+exi_mask(const unsigned char *p)
+{
+    const __m128i fold = _mm_set1_epi8(0x20);
+    __m128i e = _mm_or_si128(_mm_loadu_si128((const __m128i *)(p - 1)), fold);
+    __m128i x = _mm_or_si128(_mm_loadu_si128((const __m128i *)p), fold);
+    __m128i i = _mm_or_si128(_mm_loadu_si128((const __m128i *)(p + 1)), fold);
+    __m128i all = _mm_and_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8('x')),
+                                _mm_and_si128(_mm_cmpeq_epi8(e, _mm_set1_epi8('e')),
+                                              _mm_cmpeq_epi8(i, _mm_set1_epi8('i'))));
+    return (unsigned int)_mm_movemask_epi8(all);
+}
+#endif
+
 /* The first command line in data[0..n), as find_command_line() answers; runs without the GIL.
  *
  * An X can only be that of a command when it has at least 7 bytes before it and 4 after it
  * ("descone" before, "ion\n" after, in the shortest spelling), and every spelling has "exi"
- * around it. Eight positions at a time: a word with no X is skipped after one test; where
- * there is one, the E before and the I after are tested for all eight at once too, and only the
- * X that have both are checked one by one. So text with few X costs one quick pass, and only
- * lines that hold "exi" (the word, or look-alikes such as DESCONEXIONES) cost a check each.
- * Most text has no X at all, or its first one late: the scan starts there, found by memchr
- * (vectorised further than this loop by the C library). */
+ * around it. So the X with an E before and an I after are found for many positions at once
+ * (64 with SSE2, else 8), as a mask, and only those are checked one by one. Text with few X
+ * costs one quick pass, and only lines that hold "exi" (the word, or look-alikes such as
+ * DESCONEXIONES) cost a check each. Most text has no X at all, or its first one late: the scan
+ * starts there, found by memchr (vectorised further than this loop by the C library). */
 static Py_ssize_t
 find_command(const unsigned char *data, Py_ssize_t n, int at_line_start)
 {
@@ -689,20 +754,39 @@ find_command(const unsigned char *data, Py_ssize_t n, int at_line_start)
     }
     i = first - data < 7 ? 7 : first - data;
 
-    /* Each step reads data[i-1..i+9): the eight positions and a byte either side. */
+#if defined(USE_SSE2)
+    /* Sixty-four positions a step, reading data[i-1..i+65): one branch per 64 bytes where
+     * text has no "exi", and the candidates in a mask where it has. */
+    for (; i + 65 <= n; i += 64) {
+        uint64_t candidates = 0;
+        for (int k = 0; k < 64; k += 16) {
+            candidates |= (uint64_t)exi_mask(data + i + k) << k;
+        }
+        while (candidates != 0) {
+            Py_ssize_t x = i + __builtin_ctzll(candidates);
+            candidates &= candidates - 1;
+            if ((line = command_line_around(data, n, x, at_line_start)) >= 0) {
+                return line;
+            }
+        }
+    }
+#endif
+    /* Eight positions a step, reading data[i-1..i+9): a word with no X is skipped after one
+     * test. */
     for (; i + 9 <= n; i += 8) {
         uint64_t candidates = letter_bytes(data + i, 'x');
         if (candidates == 0) {
             continue;
         }
         candidates &= letter_bytes(data + i - 1, 'e') & letter_bytes(data + i + 1, 'i');
-        if (candidates != 0) {
-            unsigned char marked[8];  /* the mask's bytes in memory order, whatever the CPU's */
-            memcpy(marked, &candidates, 8);
-            for (int k = 0; k < 8; k++) {
-                if (marked[k] && (line = command_line_around(data, n, i + k, at_line_start)) >= 0) {
-                    return line;
-                }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        candidates = __builtin_bswap64(candidates);  /* byte k of memory in bits 8k..8k+7 */
+#endif
+        while (candidates != 0) {
+            Py_ssize_t x = i + (__builtin_ctzll(candidates) >> 3);
+            candidates &= candidates - 1;
+            if ((line = command_line_around(data, n, x, at_line_start)) >= 0) {
+                return line;
             }
         }
     }

@@ -245,6 +245,23 @@ def test_sequences_across_a_block_end_in_random_bytes(sequence: str, at: int) ->
     assert c_upper()(data) == expected(data)
 
 
+@pytest.mark.parametrize("character", ["ñ", "ß", "\u01c5", "ΐ", "€", "\u0131"])
+def test_two_byte_runs_broken_at_every_offset(character: str) -> None:
+    """Text takes two bytes at a time (ASCII pairs and two-byte characters) in runs of up to 32
+    bytes: an odd byte (ASCII, a longer character, half a character, the end of the input) at
+    every offset of two runs and a bit must be taken alone and the pairs realigned after it."""
+    upper = c_upper()
+    run = ("ñé" * 40).encode()
+    for at in range(0, 82):
+        for odd in (b"x", character.encode(), b"\xc3", b"\xbf"):
+            data = run[:at] + odd + run[at:]
+            assert upper(data) == expected(data), (at, odd)
+            assert upper(data[:at + 1]) == expected(data[:at + 1]), (at, odd)
+    mixed = ("ab " + character + "cd").encode() * 30
+    for at in range(len(mixed) // 2):
+        assert upper(mixed[at:]) == expected(mixed[at:]), at
+
+
 def test_random_bytes_in_c() -> None:
     for seed in range(20):
         data = random.Random(seed).randbytes(70_000)

@@ -7,9 +7,15 @@ returns ``b""``.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import shutil
+import subprocess
 import sys
+import sysconfig
 import unicodedata
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -827,15 +833,61 @@ def test_the_search_at_the_limits(
     assert search(chunk, at_line_start) == found
 
 
+@pytest.fixture(scope="module")
+def portable_search(tmp_path_factory: pytest.TempPathFactory) -> Search:
+    """find_command_line of _speedups.c built with -DTCP_UPPER_NO_SSE2: the plain C scan that
+    CPUs without SSE2 run (this one, an x86-64, runs the SSE2 scan), so that it is tested too."""
+    source = Path(protocol_module.__file__).with_name("_speedups.c")
+    compiler = shutil.which("cc")
+    if compiler is None or not source.exists():
+        pytest.skip("no C compiler, or no _speedups.c beside tcp_upper (an installed wheel)")
+    target = (tmp_path_factory.mktemp("portable")
+              / f"_speedups{importlib.machinery.EXTENSION_SUFFIXES[0]}")
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-DTCP_UPPER_NO_SSE2",
+                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)],
+                   check=True, timeout=120)
+    spec = importlib.util.spec_from_file_location("tcp_upper._speedups", target)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    function: Search = module.find_command_line
+    return function
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=SUPPRESSED)
+@given(chunk=search_chunks, at_line_start=st.booleans(), pad=st.integers(0, 80))
+def test_the_portable_c_search_answers_as_the_others(
+        search: Search, portable_search: Search, chunk: bytes, at_line_start: bool,
+        pad: int) -> None:
+    chunk = b"#" * pad + chunk  # moves the chunk across the scan's steps
+    assert portable_search(chunk, at_line_start) == search(chunk, at_line_start)
+
+
+@pytest.mark.parametrize("filler", [b"a", b"exi", b"x desconexion ", b"\xc3\xb1", b"\n"])
+def test_the_search_finds_the_command_at_every_offset(
+        search: Search, portable_search: Search, filler: bytes) -> None:
+    """The C scans take 64 (SSE2) or 8 positions a step: the command's X at every offset of the
+    first steps, after look-alikes at every offset too."""
+    for at in range(150):
+        head = (filler * 150)[:at]
+        for tail in (b"", b"DESCONEXION x\n" * 6):
+            data = head + b"\n" + WORD + b"\n" + tail
+            assert first_command_line(data, False) == at + 1  # the oracle agrees
+            assert search(data, False) == portable_search(data, False) == at + 1, (at, tail)
+
+
 @pytest.mark.parametrize("line", [b"x desconexion", b"desco nexion", b" " * 40 + WORD, b"d",
                                   b"x" * 50, b"exi" * 20, b"desconexiones", b"\xff" * 30])
-def test_the_search_in_large_chunks_of_look_alikes(search: Search, line: bytes) -> None:
-    """Eight-byte steps and their ends: the command after any number of look-alike lines."""
+def test_the_search_in_large_chunks_of_look_alikes(
+        search: Search, portable_search: Search, line: bytes) -> None:
+    """The scans' steps and their ends: the command after any number of look-alike lines."""
     for count in (0, 1, 2, 3, 5, 7, 100, 5000):
         body = (line + b"\n") * count
-        assert search(body, True) == -1, count
-        for command in (WORD + b"\n", b"\t" + WORD + b"\r\n", b"de\xc5\xbfconexi\xc3\xb3n\n"):
-            assert search(body + command + body, True) == len(body), (count, command)
+        for function in (search, portable_search):
+            assert function(body, True) == -1, count
+            for command in (WORD + b"\n", b"\t" + WORD + b"\r\n",
+                            b"de\xc5\xbfconexi\xc3\xb3n\n"):
+                assert function(body + command + body, True) == len(body), (count, command)
 
 
 @settings(deadline=None, max_examples=400, suppress_health_check=SUPPRESSED)
