@@ -400,14 +400,93 @@ upper_text(const Table *table, const unsigned char **in_p, const unsigned char *
 
 /* Bytes that are mostly not UTF-8 (random data): lead bytes come every few bytes, seldom
  * followed by a continuation byte, and a branch per byte on them is mispredicted every few
- * bytes. So a block of BINARY_BLOCK bytes at a time, in two passes: first every byte through
- * the ASCII rule, eight at a time (of the seven low bits b of each byte, b + 1F and b + 05 give
- * a-z as above; a byte whose own top bit is set is left alone), noting which words hold a byte
- * that may start a sequence; then in those words the bytes that start a mapped code point and
- * are followed by a continuation byte, found as mask bits (a lookup per byte, no branch), each
- * patched in place. A mapping of another length than its input (U+00DF -> "SS") moves
- * everything after it: the rest of that block goes byte by byte. Returns 0 when out of room. */
+ * bytes. So a block of BINARY_BLOCK bytes at a time, in two passes. First every byte goes
+ * through the ASCII rule, many at a time, and the bytes that may start a sequence (C2 or above,
+ * followed by 80-BF) are noted as bits of a mask: binary_pass_sse2 or binary_pass. Then each
+ * of those that starts a mapped code point is patched in place. A mapping of another length
+ * than its input (U+0131 -> "I") moves everything after it: the next block starts after it.
+ * Returns 0 when out of room. */
 #define BINARY_BLOCK 512
+#define MASK_WORDS (BINARY_BLOCK / 64)
+
+#if defined(USE_SSE2)
+/* The first pass over a whole block, sixteen bytes an instruction: a-z are the bytes above 60
+ * and below 7B as signed bytes (so none with its top bit set), C2 and above are the negative
+ * ones above C1, and 80-BF the ones below C0. next_is_continuation: the byte after the block
+ * is 80-BF. */
+static void
+binary_pass_sse2(const unsigned char *in, unsigned char *o, uint64_t starts[MASK_WORDS],
+                 int next_is_continuation)
+{
+    const __m128i before_a = _mm_set1_epi8(0x60), after_z = _mm_set1_epi8(0x7B);
+    const __m128i case_bit = _mm_set1_epi8(0x20);
+    const __m128i c1 = _mm_set1_epi8((char)0xC1), c0 = _mm_set1_epi8((char)0xC0);
+    uint64_t lead[MASK_WORDS], continuation[MASK_WORDS];
+    int w, k;
+
+    for (w = 0; w < MASK_WORDS; w++) {
+        uint64_t leads = 0, continuations = 0;
+        for (k = 0; k < 64; k += 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(in + 64 * w + k));
+            __m128i lower = _mm_and_si128(_mm_cmpgt_epi8(v, before_a), _mm_cmplt_epi8(v, after_z));
+            _mm_storeu_si128((__m128i *)(o + 64 * w + k),
+                             _mm_xor_si128(v, _mm_and_si128(lower, case_bit)));
+            leads |= (uint64_t)(unsigned int)(_mm_movemask_epi8(_mm_cmpgt_epi8(v, c1))
+                                              & _mm_movemask_epi8(v)) << k;
+            continuations |= (uint64_t)(unsigned int)_mm_movemask_epi8(_mm_cmplt_epi8(v, c0)) << k;
+        }
+        lead[w] = leads;
+        continuation[w] = continuations;
+    }
+    for (w = 0; w < MASK_WORDS; w++) {
+        uint64_t after = w + 1 < MASK_WORDS ? continuation[w + 1] & 1 : (uint64_t)next_is_continuation;
+        starts[w] = lead[w] & ((continuation[w] >> 1) | (after << 63));
+    }
+}
+#endif
+
+/* The first pass over size bytes (a multiple of 8), eight at a time: of the seven low bits b of
+ * each byte, b + 1F and b + 05 give a-z as in upper_text; a byte whose own top bit is set is
+ * left alone. The bytes that may start a sequence are looked for only in words that hold a
+ * byte C2 or above. */
+static void
+binary_pass(const unsigned char *in, unsigned char *o, Py_ssize_t size, const unsigned char *end,
+            uint64_t starts[MASK_WORDS])
+{
+    Py_ssize_t k;
+
+    for (k = 0; k < size / 8; k++) {
+        const unsigned char *w = in + 8 * k;
+        uint64_t word, low, lower;
+        unsigned int leads = 0, j;
+        memcpy(&word, w, 8);
+        low = word & (0x7F * ONES);
+        lower = (low + 0x1F * ONES) & ~(low + 0x05 * ONES) & ~word & ASCII_TOP_BITS;
+        memcpy(o + 8 * k, &(uint64_t){word ^ (lower >> 2)}, 8);
+        if (!ANY_LEAD(word)) {
+            continue;
+        }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        if (end - w >= 9) {
+            /* Byte j of the mask: w[j] is C2 or above and w[j + 1] is 80-BF (top bits 10: bit
+             * 6 of each byte shifted into bit 7 of the same byte is clear). */
+            uint64_t next, candidates;
+            memcpy(&next, w + 1, 8);
+            candidates = ANY_LEAD(word) & next & ~(next << 1) & ASCII_TOP_BITS;
+            while (candidates) {
+                leads |= 1u << (__builtin_ctzll(candidates) >> 3);
+                candidates &= candidates - 1;
+            }
+        }
+        else
+#endif
+        for (j = 0; j < 8; j++) {
+            leads |= (unsigned int)(w[j] >= 0xC2 && end - (w + j) >= 2
+                                    && (w[j + 1] & 0xC0) == 0x80) << j;
+        }
+        starts[k / 8] |= (uint64_t)leads << (8 * (k % 8));
+    }
+}
 
 static NOINLINE int
 upper_binary(const Table *table, const unsigned char **in_p, const unsigned char *end,
@@ -418,54 +497,34 @@ upper_binary(const Table *table, const unsigned char **in_p, const unsigned char
     int room = 1;
 
     while (in < end && room) {
-        Py_ssize_t size = end - in < BINARY_BLOCK ? end - in : BINARY_BLOCK, k;
+        Py_ssize_t size = end - in < BINARY_BLOCK ? end - in : BINARY_BLOCK;
         /* Where the input is final in out at the same offset as in in (past the block when a
          * sequence crosses its end). */
-        const unsigned char *reach = in + size;
-        uint64_t with_lead = 0;  /* bit k: word k holds a byte that may start a sequence */
+        const unsigned char *reach;
+        uint64_t starts[MASK_WORDS] = {0};  /* bit k of word k / 64: in[k] may start one */
+        int w;
 
-        if (size % 8) {  /* the last bytes of the input, fewer than a block */
+        if (size < 8) {  /* the last few bytes of the input */
             room = upper_bytes(table, &in, end, end, &o, out_end);
             break;
         }
-        for (k = 0; k < size / 8; k++) {
-            uint64_t word, low, lower;
-            memcpy(&word, in + 8 * k, 8);
-            with_lead |= (uint64_t)(ANY_LEAD(word) != 0) << k;
-            low = word & (0x7F * ONES);
-            lower = (low + 0x1F * ONES) & ~(low + 0x05 * ONES) & ~word & ASCII_TOP_BITS;
-            word ^= lower >> 2;
-            memcpy(o + 8 * k, &word, 8);
+        size -= size % 8;
+        reach = in + size;
+#if defined(USE_SSE2)
+        if (size == BINARY_BLOCK) {
+            binary_pass_sse2(in, o, starts, end - in > size && (in[size] & 0xC0) == 0x80);
         }
-        while (with_lead) {
-            const unsigned char *w = in + 8 * __builtin_ctzll(with_lead);
-            unsigned int leads = 0, j;
-            with_lead &= with_lead - 1;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-            if (end - w >= 9) {
-                /* Byte j of the mask: w[j] is C2 or above and w[j + 1] is 80-BF (top bits
-                 * 10: bit 6 of each byte shifted into bit 7 of the same byte is clear). Only
-                 * those few are looked up. */
-                uint64_t word, next, candidates;
-                memcpy(&word, w, 8);
-                memcpy(&next, w + 1, 8);
-                candidates = ANY_LEAD(word) & next & ~(next << 1) & ASCII_TOP_BITS;
-                while (candidates) {
-                    j = (unsigned int)__builtin_ctzll(candidates) >> 3;
-                    candidates &= candidates - 1;
-                    leads |= (unsigned int)table->starts_mapped[w[j]] << j;
-                }
-            }
-            else
+        else
 #endif
-            for (j = 0; j < 8; j++) {
-                leads |= (unsigned int)(table->starts_mapped[w[j]]
-                                        & (end - (w + j) >= 2 && (w[j + 1] & 0xC0) == 0x80)) << j;
-            }
-            while (leads) {
-                const unsigned char *at = w + __builtin_ctz(leads), *next = at;
+        binary_pass(in, o, size, end, starts);
+        for (w = 0; w < MASK_WORDS; w++) {
+            while (starts[w]) {
+                const unsigned char *at = in + 64 * w + __builtin_ctzll(starts[w]), *next = at;
                 unsigned char *o_at = o + (at - in), *o_next = o_at;
-                leads &= leads - 1;
+                starts[w] &= starts[w] - 1;
+                if (!table->starts_mapped[at[0]]) {
+                    continue;
+                }
                 if (at[0] <= 0xDF) {
                     unsigned int upper = table->two_byte[((at[0] & 0x1Fu) << 6)
                                                          | (at[1] & 0x3Fu)];
@@ -485,9 +544,11 @@ upper_binary(const Table *table, const unsigned char **in_p, const unsigned char
                     goto done;
                 }
                 if (next - at != o_next - o_at) {
+                    /* What follows moved: the next block starts right after this sequence
+                     * (everything before it is final; upper_sequence left room for the rest
+                     * at its length). */
                     in = next;
                     o = o_next;
-                    room = upper_bytes(table, &in, reach > in ? reach : in, end, &o, out_end);
                     goto next_block;
                 }
                 if (next > reach) {

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import pytest
 
+import tcp_upper
 from tcp_upper.server import UpperServer, install_wake_handler, make_server
 
 #: Upper bound for anything a test waits for; generous for a loaded 2-core CI machine.
@@ -139,6 +145,26 @@ class ThreadedServer:
         self.server.close_clients(timeout=2.0)
         self.server.server_close()
         self.thread.join(DEADLINE)
+
+
+@pytest.fixture(scope="session")
+def portable_speedups(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """tcp_upper/_speedups.c built with -DTCP_UPPER_NO_SSE2: the plain C loops that CPUs without
+    SSE2 run. This machine (x86-64) runs the SSE2 ones, so the tests run these too."""
+    source = Path(tcp_upper.__file__).with_name("_speedups.c")
+    compiler = shutil.which("cc")
+    if compiler is None or not source.exists():
+        pytest.skip("no C compiler, or no _speedups.c beside tcp_upper (an installed wheel)")
+    target = (tmp_path_factory.mktemp("portable")
+              / f"_speedups{importlib.machinery.EXTENSION_SUFFIXES[0]}")
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-DTCP_UPPER_NO_SSE2",
+                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)],
+                   check=True, timeout=120)
+    spec = importlib.util.spec_from_file_location("tcp_upper._speedups", target)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

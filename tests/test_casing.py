@@ -44,6 +44,16 @@ def _c_upper() -> Callable[[bytes], bytes]:
     return _speedups.make_upper(casing.upper_table())
 
 
+@pytest.fixture(params=["built", "portable"])
+def c_build(request: pytest.FixtureRequest) -> Callable[[bytes], bytes]:
+    """The C function as installed, and as built without SSE2 (the loops of other CPUs)."""
+    if request.param == "built":
+        return c_upper()
+    module = request.getfixturevalue("portable_speedups")
+    upper: Callable[[bytes], bytes] = module.make_upper(casing.upper_table())
+    return upper
+
+
 # Every way to upper-case that must agree with expected(): the public function, the C one, the
 # pure-Python fallback.
 IMPLEMENTATIONS = ["upper", "c", "pure"]
@@ -229,20 +239,22 @@ NOT_UTF8_START = bytes(range(0xF5, 0x100)) * 4  # 44 lead-like bytes, none follo
 @given(pieces=st.lists(st.one_of(TEXT, INVALID, TRUNCATED, st.binary(min_size=1, max_size=700)),
                        max_size=12),
        shift=st.integers(0, 7))
-def test_upper_of_mostly_invalid_input(pieces: list[bytes], shift: int) -> None:
+def test_upper_of_mostly_invalid_input(c_build: Callable[[bytes], bytes], pieces: list[bytes],
+                                      shift: int) -> None:
     data = NOT_UTF8_START + b"\xff" * shift + b"".join(pieces)
-    assert c_upper()(data) == expected(data)
+    assert c_build(data) == expected(data)
 
 
 @pytest.mark.parametrize("sequence",
                          ["é", "ß", "ΐ", "ﬀ", "\u0131", "\uff41", "\U00010428", "ŉ", "µ"])
 @pytest.mark.parametrize("at", [505, 506, 509, 510, 511, 512, 1020, 1023])
-def test_sequences_across_a_block_end_in_random_bytes(sequence: str, at: int) -> None:
+def test_sequences_across_a_block_end_in_random_bytes(c_build: Callable[[bytes], bytes],
+                                                     sequence: str, at: int) -> None:
     """Every offset near the end of the first block (512 bytes from the start), a sequence that
     maps to as many bytes, to more, to fewer, and one of four bytes."""
     noise = bytes(random.Random(at).choice(b"\x80\xc0\xf8\xffabz") for _ in range(2000))
     data = NOT_UTF8_START + noise[:at - len(NOT_UTF8_START)] + sequence.encode() * 3 + noise
-    assert c_upper()(data) == expected(data)
+    assert c_build(data) == expected(data)
 
 
 @pytest.mark.parametrize("character", ["ñ", "ß", "\u01c5", "ΐ", "€", "\u0131"])
@@ -262,10 +274,26 @@ def test_two_byte_runs_broken_at_every_offset(character: str) -> None:
         assert upper(mixed[at:]) == expected(mixed[at:]), at
 
 
-def test_random_bytes_in_c() -> None:
+@pytest.mark.parametrize("sequence", ["\u0131", "ŉ", "ΐ", "ß", "é"])
+def test_length_changes_throughout_random_bytes(c_build: Callable[[bytes], bytes],
+                                                sequence: str) -> None:
+    """A mapping of another length moves the rest of the output: the next block starts right
+    after it, wherever that is, and the input's last bytes (fewer than eight, or a part of a
+    block) come after. Many of them in every block, every length of the end."""
+    rng = random.Random(sequence)
+    noise = bytearray(NOT_UTF8_START + bytes(rng.choice(b"\x80\xc0\xf8\xffabz")
+                                              for _ in range(6000)))
+    for at in sorted(rng.sample(range(len(NOT_UTF8_START), len(noise)), 150), reverse=True):
+        noise[at:at] = sequence.encode()
+    for cut in range(len(noise) - 20, len(noise) + 1):
+        data = bytes(noise[:cut])
+        assert c_build(data) == expected(data), cut
+
+
+def test_random_bytes_in_c(c_build: Callable[[bytes], bytes]) -> None:
     for seed in range(20):
         data = random.Random(seed).randbytes(70_000)
-        assert c_upper()(data) == expected(data)
+        assert c_build(data) == expected(data)
 
 
 def test_large_inputs_from_many_threads() -> None:

@@ -7,15 +7,10 @@ returns ``b""``.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import shutil
-import subprocess
 import sys
-import sysconfig
 import unicodedata
 from collections.abc import Iterable
-from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import pytest
@@ -833,24 +828,10 @@ def test_the_search_at_the_limits(
     assert search(chunk, at_line_start) == found
 
 
-@pytest.fixture(scope="module")
-def portable_search(tmp_path_factory: pytest.TempPathFactory) -> Search:
-    """find_command_line of _speedups.c built with -DTCP_UPPER_NO_SSE2: the plain C scan that
-    CPUs without SSE2 run (this one, an x86-64, runs the SSE2 scan), so that it is tested too."""
-    source = Path(protocol_module.__file__).with_name("_speedups.c")
-    compiler = shutil.which("cc")
-    if compiler is None or not source.exists():
-        pytest.skip("no C compiler, or no _speedups.c beside tcp_upper (an installed wheel)")
-    target = (tmp_path_factory.mktemp("portable")
-              / f"_speedups{importlib.machinery.EXTENSION_SUFFIXES[0]}")
-    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-DTCP_UPPER_NO_SSE2",
-                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)],
-                   check=True, timeout=120)
-    spec = importlib.util.spec_from_file_location("tcp_upper._speedups", target)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    function: Search = module.find_command_line
+@pytest.fixture
+def portable_search(portable_speedups: ModuleType) -> Search:
+    """The command search of the C extension built without SSE2 (the plain C scan)."""
+    function: Search = portable_speedups.find_command_line
     return function
 
 
