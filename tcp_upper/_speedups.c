@@ -345,15 +345,15 @@ upper_bytes(const Table *table, const unsigned char **in_p, const unsigned char 
     return room;
 }
 
-/* Text (ASCII, accents, other scripts): eight bytes at a time while all are ASCII, then two at
- * a time from table->pairs while they are two ASCII characters or one two-byte character (up
- * to PAIR_RUN bytes, then ASCII is tried again), then one character by upper_bytes where they
- * are neither (an ASCII byte before a two-byte character, a longer sequence, an invalid byte);
- * so dense two-byte text (accents, Cyrillic, Greek) costs one lookup per character and no
- * branch that depends on the text. Eight ASCII bytes: in each byte b (0..7F), b + 1F has its
- * top bit set when b >= 'a', b + 05 when b > 'z' (no carry into the next byte either way), so
- * their top bits give the lower-case letters, and moving that bit to 0x20 and flipping it
- * upper-cases them. Returns 0 when out of room. */
+/* Dense multi-byte text (accents throughout, Cyrillic, Greek): eight bytes at a time while all
+ * are ASCII, then two at a time from table->pairs while they are two ASCII characters or one
+ * two-byte character (up to PAIR_RUN bytes, then ASCII is tried again), then one character by
+ * upper_bytes where they are neither (an ASCII byte before a two-byte character, a longer
+ * sequence, an invalid byte). So each two-byte character costs one lookup and no branch that
+ * depends on the text. Eight ASCII bytes: in each byte b (0..7F), b + 1F has its top bit set
+ * when b >= 'a', b + 05 when b > 'z' (no carry into the next byte either way), so their top
+ * bits give the lower-case letters, and moving that bit to 0x20 and flipping it upper-cases
+ * them. Returns 0 when out of room. */
 #define PAIR_RUN 32
 static NOINLINE int
 upper_text(const Table *table, const unsigned char **in_p, const unsigned char *end,
@@ -398,16 +398,16 @@ upper_text(const Table *table, const unsigned char **in_p, const unsigned char *
     return room;
 }
 
-/* Bytes that are mostly not UTF-8 (random data): lead bytes come every few bytes, seldom
- * followed by a continuation byte, and a branch per byte on them is mispredicted every few
- * bytes. So a block of BINARY_BLOCK bytes at a time, in two passes. First every byte goes
- * through the ASCII rule, many at a time, and the bytes that may start a sequence (C2 or above,
- * followed by 80-BF) are noted as bits of a mask: binary_pass_sse2 or binary_pass. Then each
- * of those that starts a mapped code point is patched in place. A mapping of another length
- * than its input (U+0131 -> "I") moves everything after it: the next block starts after it.
- * Returns 0 when out of room. */
-#define BINARY_BLOCK 512
-#define MASK_WORDS (BINARY_BLOCK / 64)
+/* Everything but dense multi-byte text: ASCII, text with a few accents, bytes that are not
+ * UTF-8. A branch per byte on lead bytes would be mispredicted every few bytes in random data,
+ * and in text every accent breaks the eight-byte ASCII steps of upper_text. So a block of
+ * UPPER_BLOCK bytes at a time, in two passes. First every byte goes through the ASCII rule,
+ * many at a time, and the bytes that may start a sequence (C2 or above, followed by 80-BF) are
+ * noted as bits of a mask: block_pass_sse2 or block_pass. Then each of those that starts a
+ * mapped code point is patched in place. A mapping of another length than its input (U+0131 ->
+ * "I") moves everything after it: the next block starts after it. Returns 0 when out of room. */
+#define UPPER_BLOCK 512
+#define MASK_WORDS (UPPER_BLOCK / 64)
 
 #if defined(USE_SSE2)
 /* The first pass over a whole block, sixteen bytes an instruction: a-z are the bytes above 60
@@ -415,7 +415,7 @@ upper_text(const Table *table, const unsigned char **in_p, const unsigned char *
  * ones above C1, and 80-BF the ones below C0. next_is_continuation: the byte after the block
  * is 80-BF. */
 static void
-binary_pass_sse2(const unsigned char *in, unsigned char *o, uint64_t starts[MASK_WORDS],
+block_pass_sse2(const unsigned char *in, unsigned char *o, uint64_t starts[MASK_WORDS],
                  int next_is_continuation)
 {
     const __m128i before_a = _mm_set1_epi8(0x60), after_z = _mm_set1_epi8(0x7B);
@@ -450,7 +450,7 @@ binary_pass_sse2(const unsigned char *in, unsigned char *o, uint64_t starts[MASK
  * left alone. The bytes that may start a sequence are looked for only in words that hold a
  * byte C2 or above. */
 static void
-binary_pass(const unsigned char *in, unsigned char *o, Py_ssize_t size, const unsigned char *end,
+block_pass(const unsigned char *in, unsigned char *o, Py_ssize_t size, const unsigned char *end,
             uint64_t starts[MASK_WORDS])
 {
     Py_ssize_t k;
@@ -489,7 +489,7 @@ binary_pass(const unsigned char *in, unsigned char *o, Py_ssize_t size, const un
 }
 
 static NOINLINE int
-upper_binary(const Table *table, const unsigned char **in_p, const unsigned char *end,
+upper_blocks(const Table *table, const unsigned char **in_p, const unsigned char *end,
              unsigned char **o_p, const unsigned char *out_end)
 {
     const unsigned char *in = *in_p;
@@ -497,7 +497,7 @@ upper_binary(const Table *table, const unsigned char **in_p, const unsigned char
     int room = 1;
 
     while (in < end && room) {
-        Py_ssize_t size = end - in < BINARY_BLOCK ? end - in : BINARY_BLOCK;
+        Py_ssize_t size = end - in < UPPER_BLOCK ? end - in : UPPER_BLOCK;
         /* Where the input is final in out at the same offset as in in (past the block when a
          * sequence crosses its end). */
         const unsigned char *reach;
@@ -511,12 +511,12 @@ upper_binary(const Table *table, const unsigned char **in_p, const unsigned char
         size -= size % 8;
         reach = in + size;
 #if defined(USE_SSE2)
-        if (size == BINARY_BLOCK) {
-            binary_pass_sse2(in, o, starts, end - in > size && (in[size] & 0xC0) == 0x80);
+        if (size == UPPER_BLOCK) {
+            block_pass_sse2(in, o, starts, end - in > size && (in[size] & 0xC0) == 0x80);
         }
         else
 #endif
-        binary_pass(in, o, size, end, starts);
+        block_pass(in, o, size, end, starts);
         for (w = 0; w < MASK_WORDS; w++) {
             while (starts[w]) {
                 const unsigned char *at = in + 64 * w + __builtin_ctzll(starts[w]), *next = at;
@@ -566,11 +566,12 @@ done:
     return room;
 }
 
-/* Whether data looks mostly not UTF-8: in its first bytes, more than a quarter of the bytes
- * that could start a sequence (C2 and above) are not followed by a continuation byte. Only
- * picks the faster of two loops; both give the same bytes for any input. */
+/* Whether data looks like dense multi-byte text (accents throughout, Cyrillic, Greek): in its
+ * first bytes, at least one in eight starts a sequence (a byte C2 or above followed by 80-BF),
+ * and at most a quarter of the bytes that could start one do not. Only picks the faster of two
+ * loops; both give the same bytes for any input. */
 static int
-looks_binary(const unsigned char *data, Py_ssize_t n)
+looks_dense(const unsigned char *data, Py_ssize_t n)
 {
     Py_ssize_t i, leads = 0, bad = 0, sample = n < 512 ? n : 512;
     for (i = 0; i < sample; i++) {
@@ -579,7 +580,7 @@ looks_binary(const unsigned char *data, Py_ssize_t n)
             bad += i + 1 >= n || (data[i + 1] & 0xC0) != 0x80;
         }
     }
-    return bad * 4 > leads && bad >= 8;
+    return (leads - bad) * 8 >= sample && bad * 4 <= leads;
 }
 
 /* The loop: upper-case data[*in_pos..n) into out[*out_pos..out_size), and advance both
@@ -594,11 +595,11 @@ upper_utf8(const Table *table, const unsigned char *data, Py_ssize_t n, Py_ssize
     const unsigned char *in = data + *in_pos, *end = data + n;
     unsigned char *o = out + *out_pos;
 
-    if (looks_binary(in, end - in)) {
-        upper_binary(table, &in, end, &o, out + out_size);
+    if (looks_dense(in, end - in)) {
+        upper_text(table, &in, end, &o, out + out_size);
     }
     else {
-        upper_text(table, &in, end, &o, out + out_size);
+        upper_blocks(table, &in, end, &o, out + out_size);
     }
     *in_pos = in - data;
     *out_pos = o - out;

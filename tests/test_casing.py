@@ -274,20 +274,21 @@ def test_two_byte_runs_broken_at_every_offset(character: str) -> None:
         assert upper(mixed[at:]) == expected(mixed[at:]), at
 
 
-@pytest.mark.parametrize("sequence", ["\u0131", "ŉ", "ΐ", "ß", "é"])
-def test_length_changes_throughout_random_bytes(c_build: Callable[[bytes], bytes],
-                                                sequence: str) -> None:
-    """A mapping of another length moves the rest of the output: the next block starts right
-    after it, wherever that is, and the input's last bytes (fewer than eight, or a part of a
-    block) come after. Many of them in every block, every length of the end."""
+@pytest.mark.parametrize("noise", [b"\x80\xc0\xf8\xffabz", b"hola servidor\n"],
+                         ids=["not-utf8", "ascii-text"])
+@pytest.mark.parametrize("sequence", ["\u0131", "ŉ", "ΐ", "ß", "é", "€"])
+def test_sparse_sequences_and_length_changes_in_blocks(
+        c_build: Callable[[bytes], bytes], noise: bytes, sequence: str) -> None:
+    """Input that is not dense multi-byte text (random bytes, or ASCII text with a character
+    here and there) goes by blocks: every character is patched where it lies, and a mapping of
+    another length starts the next block right after it, wherever that is; the input's last
+    bytes (fewer than eight, or part of a block) come after. Every length of the end."""
     rng = random.Random(sequence)
-    noise = bytearray(NOT_UTF8_START + bytes(rng.choice(b"\x80\xc0\xf8\xffabz")
-                                              for _ in range(6000)))
-    for at in sorted(rng.sample(range(len(NOT_UTF8_START), len(noise)), 150), reverse=True):
-        noise[at:at] = sequence.encode()
-    for cut in range(len(noise) - 20, len(noise) + 1):
-        data = bytes(noise[:cut])
-        assert c_build(data) == expected(data), cut
+    data = bytearray(bytes(rng.choice(noise) for _ in range(6000)))
+    for at in sorted(rng.sample(range(len(data)), 150), reverse=True):
+        data[at:at] = sequence.encode()
+    for cut in range(len(data) - 20, len(data) + 1):
+        assert c_build(bytes(data[:cut])) == expected(bytes(data[:cut])), cut
 
 
 def test_random_bytes_in_c(c_build: Callable[[bytes], bytes]) -> None:
