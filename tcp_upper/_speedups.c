@@ -354,7 +354,7 @@ upper_bytes(const Table *table, const unsigned char **in_p, const unsigned char 
  * when b >= 'a', b + 05 when b > 'z' (no carry into the next byte either way), so their top
  * bits give the lower-case letters, and moving that bit to 0x20 and flipping it upper-cases
  * them. Returns 0 when out of room. */
-#define PAIR_RUN 32
+#define PAIR_RUN 64
 static NOINLINE int
 upper_text(const Table *table, const unsigned char **in_p, const unsigned char *end,
            unsigned char **o_p, const unsigned char *out_end)
@@ -389,7 +389,10 @@ upper_text(const Table *table, const unsigned char **in_p, const unsigned char *
             in += 2;
             o += 2;
         }
-        if (in < end) {
+        if (in < end && *in < 0x80) {  /* an ASCII byte before a two-byte character */
+            *o++ = ascii_upper[*in++];
+        }
+        else if (in < end) {
             room = upper_bytes(table, &in, in + 1, end, &o, out_end);
         }
     }

@@ -259,12 +259,13 @@ def test_sequences_across_a_block_end_in_random_bytes(c_build: Callable[[bytes],
 
 @pytest.mark.parametrize("character", ["ñ", "ß", "\u01c5", "ΐ", "€", "\u0131"])
 def test_two_byte_runs_broken_at_every_offset(character: str) -> None:
-    """Text takes two bytes at a time (ASCII pairs and two-byte characters) in runs of up to 32
-    bytes: an odd byte (ASCII, a longer character, half a character, the end of the input) at
-    every offset of two runs and a bit must be taken alone and the pairs realigned after it."""
+    """Dense text takes two bytes at a time (ASCII pairs and two-byte characters) in runs of up
+    to 64 bytes: an odd byte (ASCII, a longer character, half a character, the end of the
+    input) at every offset of two runs and a bit must be taken alone and the pairs realigned
+    after it."""
     upper = c_upper()
     run = ("ñé" * 40).encode()
-    for at in range(0, 82):
+    for at in range(0, 140):
         for odd in (b"x", character.encode(), b"\xc3", b"\xbf"):
             data = run[:at] + odd + run[at:]
             assert upper(data) == expected(data), (at, odd)
