@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 import pytest
+from hypothesis import settings
 
 import tcp_upper
 from tcp_upper.server import UpperServer, install_wake_handler, make_server
@@ -145,6 +146,44 @@ class ThreadedServer:
         self.server.close_clients(timeout=2.0)
         self.server.server_close()
         self.thread.join(DEADLINE)
+
+
+#: Hypothesis profile for a quicker run (``--hypothesis-profile=quick``): a fifth of the
+#: examples each property asks for. .ci/run uses it on the oldest and newest Pythons, where it
+#: checks the properties hold; the main run, on the default profile, explores them in full.
+settings.register_profile("quick", max_examples=20)
+
+
+def examples(wanted: int) -> int:
+    """*wanted* examples on the default profile (100 examples), fewer on a quicker one."""
+    return max(10, wanted * settings.default.max_examples // 100)
+
+
+#: Markers of the tests that load the machine or share its network set-up: they run one after
+#: another in one pytest-xdist worker (setup.cfg runs two), never beside each other.
+HEAVY_MARKERS = ("stress", "cluster", "netns")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist: a worker prints no summary, so the netns figures it measured (see
+    tests/test_netns.py) come back to the main process and are printed there."""
+    figures = getattr(node, "workeroutput", {}).get("netns_figures")
+    if figures:
+        from test_netns import FiguresReport
+
+        path, rows = figures
+        report = node.config.pluginmanager.get_plugin("netns-figures")
+        if report is None:
+            node.config.pluginmanager.register(FiguresReport(rows, Path(path)), "netns-figures")
+        elif report.rows is not rows:
+            report.rows.extend(rows)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import threading
 from typing import Callable
 
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,7 +113,7 @@ TRUNCATED = (st.characters(min_codepoint=0x80).map(lambda c: c.encode("utf-8", "
 PIECES = st.lists(st.one_of(TEXT, ASCII, INVALID, TRUNCATED, st.binary(max_size=12)),
                   max_size=24).map(b"".join)
 
-PROPERTY_SETTINGS = settings(deadline=None, max_examples=250,
+PROPERTY_SETTINGS = settings(deadline=None, max_examples=examples(250),
                              suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Callable
 
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_protocol import ReferenceProtocol
@@ -516,7 +517,8 @@ def test_a_huge_line_of_multibyte_characters_split_anywhere_keeps_at_most_one_ch
 # The search fixture is function-scoped, but the same for every example of a test: not reset
 # between examples on purpose.
 SUPPRESSED = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
-PROPERTY_SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=SUPPRESSED)
+PROPERTY_SETTINGS = settings(deadline=None, max_examples=examples(150),
+                             suppress_health_check=SUPPRESSED)
 
 blanks = st.text(alphabet=" \t", max_size=MAX_BLANKS + 2)
 trailing_blanks = st.text(alphabet=" \t\r", max_size=MAX_BLANKS + 2)
@@ -774,7 +776,7 @@ search_chunks = st.lists(st.one_of(
 ), max_size=14).map(b"".join)
 
 
-@settings(deadline=None, max_examples=1000, suppress_health_check=SUPPRESSED)
+@settings(deadline=None, max_examples=examples(1000), suppress_health_check=SUPPRESSED)
 @given(chunk=search_chunks, at_line_start=st.booleans())
 def test_the_search_finds_the_first_command_line_as_the_classifier_does(
         search: Search, chunk: bytes, at_line_start: bool) -> None:
@@ -835,7 +837,7 @@ def portable_search(portable_speedups: ModuleType) -> Search:
     return function
 
 
-@settings(deadline=None, max_examples=300, suppress_health_check=SUPPRESSED)
+@settings(deadline=None, max_examples=examples(300), suppress_health_check=SUPPRESSED)
 @given(chunk=search_chunks, at_line_start=st.booleans(), pad=st.integers(0, 80))
 def test_the_portable_c_search_answers_as_the_others(
         search: Search, portable_search: Search, chunk: bytes, at_line_start: bool,
@@ -871,7 +873,7 @@ def test_the_search_in_large_chunks_of_look_alikes(
                 assert function(body + command + body, True) == len(body), (count, command)
 
 
-@settings(deadline=None, max_examples=400, suppress_health_check=SUPPRESSED)
+@settings(deadline=None, max_examples=examples(400), suppress_health_check=SUPPRESSED)
 @given(data=tricky_streams, draw=st.data(), eof=st.booleans())
 def test_the_fast_path_answers_exactly_as_the_per_line_reference_in_any_chunking(
         data: bytes, draw: st.DataObject, eof: bool) -> None:

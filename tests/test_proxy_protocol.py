@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, clean_env, connect, recv_until_closed, wait_until
+from conftest import DEADLINE, clean_env, connect, examples, recv_until_closed, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -252,7 +252,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=examples(60), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=fuzz_inputs)
 def test_fuzzed_headers_never_crash_hang_or_leak(start_server, data: bytes) -> None:
