@@ -289,6 +289,31 @@ def test_interactive_ctrl_c_while_waiting_for_the_close(first, spawn_client):
     assert status == 130
 
 
+def test_interactive_ctrl_c_while_waiting_for_a_reply(spawn_client):
+    # A server that reads but never answers: Ctrl-C ends the wait for the reply (30 s here) at
+    # once, and the client says DESCONEXION and waits for the close. Its waits are sliced, so a
+    # Ctrl-C that lands just before one starts is not held until that wait ends.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(DEADLINE)
+        child = spawn_client(listener.getsockname()[1], "--host", "127.0.0.1", "--timeout", "30")
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(DEADLINE)
+            child.expect_exact(PROMPT)
+            child.sendline("hola")
+            assert recv_exactly(conn, len(b"hola\n")) == b"hola\n"
+            child.sendintr()
+            received = b""
+            while chunk := conn.recv(4096):  # until the client half-closes
+                received += chunk
+            assert received == b"DESCONEXION\n"
+        status, output = finish(child)  # the server closed: the client's wait ends
+    assert "Traceback" not in output
+    assert status == 130
+
+
 # --- failures of the program -------------------------------------------------------------------
 
 

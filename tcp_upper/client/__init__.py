@@ -27,6 +27,11 @@ from ..system import format_address
 COMMAND = "DESCONEXION"
 
 _RECV_SIZE = 256 * 1024
+#: Longest single blocking wait. CPython runs a signal's Python handler between bytecodes, so
+#: a Ctrl-C that lands just before a wait starts (the process was descheduled there) is only
+#: acted on when the wait returns: waits are cut into slices, and Ctrl-C takes effect within
+#: one, whatever the timeout.
+_WAIT_SLICE = 0.2
 #: Bytes handed to one send(): small enough to keep reading the reply in between.
 _SEND_SIZE = 256 * 1024
 #: The errors a non-blocking socket (plain or TLS) gives when it cannot go on right now.
@@ -151,9 +156,14 @@ class UpperClient:
             sock.settimeout(self.timeout)
             sock.sendall(command.encode("utf-8") + b"\n")
             sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(_WAIT_SLICE)
             deadline = time.monotonic() + self.timeout
-            while time.monotonic() < deadline and sock.recv(_RECV_SIZE):
-                pass  # anything still in flight; the server sends nothing for the command
+            while time.monotonic() < deadline:
+                try:
+                    if not sock.recv(_RECV_SIZE):
+                        break  # closed; anything before was still in flight (not a reply)
+                except socket.timeout:
+                    continue
         except (OSError, ValueError):
             pass  # reset, timed out, TLS torn down or already gone: nothing left but close
         finally:
@@ -233,8 +243,9 @@ class UpperClient:
             writing = (sent < len(view) and send_error is None) or read_wants_write
             poller.register(sock, select.POLLIN | (select.POLLOUT if writing else 0))
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not poller.poll(remaining * 1000):
+            if remaining <= 0:
                 raise socket.timeout("timed out")
+            poller.poll(min(remaining, _WAIT_SLICE) * 1000)
 
     def _take_line(self, newline: int) -> bytearray:
         line = self._buffer
