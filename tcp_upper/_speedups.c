@@ -580,6 +580,18 @@ static int
 looks_dense(const unsigned char *data, Py_ssize_t n)
 {
     Py_ssize_t i, leads = 0, bad = 0, sample = n < 512 ? n : 512;
+    uint64_t any = 0;
+    for (i = 0; i + 8 <= sample; i += 8) {  /* all ASCII, the usual case: one quick pass */
+        uint64_t word;
+        memcpy(&word, data + i, 8);
+        any |= word;
+    }
+    for (; i < sample; i++) {
+        any |= data[i];
+    }
+    if (!(any & ASCII_TOP_BITS)) {
+        return 0;
+    }
     for (i = 0; i < sample; i++) {
         if (data[i] >= 0xC2) {
             leads++;
