@@ -264,10 +264,10 @@ def test_interactive_ctrl_c_while_connecting(spawn_client):
     assert status == 130
 
 
-@pytest.mark.parametrize("first", ["Ctrl-D", "Ctrl-C", "DESCONEXION"])
-def test_interactive_ctrl_c_while_waiting_for_the_close(first, spawn_client):
-    # A server that reads but never answers nor closes: the client's close waits (bounded by
-    # --timeout, 30 s here) and the user presses Ctrl-C meanwhile.
+@contextlib.contextmanager
+def mute_server(spawn_client) -> Iterator[tuple[pexpect.spawn, socket.socket]]:
+    """A server that reads but never answers nor closes by itself: yields the client (its
+    --timeout 30 s) at its prompt, and the accepted connection."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -277,39 +277,40 @@ def test_interactive_ctrl_c_while_waiting_for_the_close(first, spawn_client):
         with conn:
             conn.settimeout(DEADLINE)
             child.expect_exact(PROMPT)
-            {"Ctrl-D": child.sendeof, "Ctrl-C": child.sendintr,
-             "DESCONEXION": lambda: child.sendline("DESCONEXION")}[first]()
-            received = b""
-            while chunk := conn.recv(4096):  # until the client half-closes: it is waiting now
-                received += chunk
-            assert received == b"DESCONEXION\n"
-            child.sendintr()
-            status, output = finish(child)
+            yield child, conn
+
+
+def until_half_closed(conn: socket.socket) -> bytes:
+    """What the client sends until it half-closes (it is then waiting for the close)."""
+    received = b""
+    while chunk := conn.recv(4096):
+        received += chunk
+    return received
+
+
+@pytest.mark.parametrize("first", ["Ctrl-D", "Ctrl-C", "DESCONEXION"])
+def test_interactive_ctrl_c_while_waiting_for_the_close(first, spawn_client):
+    # The client's close waits (bounded by --timeout) and the user presses Ctrl-C meanwhile.
+    with mute_server(spawn_client) as (child, conn):
+        {"Ctrl-D": child.sendeof, "Ctrl-C": child.sendintr,
+         "DESCONEXION": lambda: child.sendline("DESCONEXION")}[first]()
+        assert until_half_closed(conn) == b"DESCONEXION\n"
+        child.sendintr()
+        status, output = finish(child)
     assert "Traceback" not in output
     assert status == 130
 
 
 def test_interactive_ctrl_c_while_waiting_for_a_reply(spawn_client):
-    # A server that reads but never answers: Ctrl-C ends the wait for the reply (30 s here) at
-    # once, and the client says DESCONEXION and waits for the close. Its waits are sliced, so a
-    # Ctrl-C that lands just before one starts is not held until that wait ends.
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        listener.settimeout(DEADLINE)
-        child = spawn_client(listener.getsockname()[1], "--host", "127.0.0.1", "--timeout", "30")
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(DEADLINE)
-            child.expect_exact(PROMPT)
-            child.sendline("hola")
-            assert recv_exactly(conn, len(b"hola\n")) == b"hola\n"
-            child.sendintr()
-            received = b""
-            while chunk := conn.recv(4096):  # until the client half-closes
-                received += chunk
-            assert received == b"DESCONEXION\n"
-        status, output = finish(child)  # the server closed: the client's wait ends
+    # Ctrl-C ends the wait for the reply at once, and the client says DESCONEXION and waits for
+    # the close. Its waits are sliced, so a Ctrl-C that lands just before one starts is not held
+    # until that wait ends.
+    with mute_server(spawn_client) as (child, conn):
+        child.sendline("hola")
+        assert recv_exactly(conn, len(b"hola\n")) == b"hola\n"
+        child.sendintr()
+        assert until_half_closed(conn) == b"DESCONEXION\n"
+    status, output = finish(child)  # the server closed: the client's wait ends
     assert "Traceback" not in output
     assert status == 130
 
