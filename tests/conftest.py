@@ -148,6 +148,14 @@ class ThreadedServer:
         self.thread.join(DEADLINE)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests press Ctrl-C in the programs they start, which inherit an ignored SIGINT: a run
+    started in the background by a script (bash ignores SIGINT for `command &`) must not pass
+    that on to them. Python's handler is not inherited (exec resets it to the default)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 #: Hypothesis profile for a quicker run (``--hypothesis-profile=quick``): a fifth of the
 #: examples each property asks for. .ci/run uses it on the oldest and newest Pythons, where it
 #: checks the properties hold; the main run, on the default profile, explores them in full.
