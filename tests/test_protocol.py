@@ -780,9 +780,7 @@ search_chunks = st.lists(st.one_of(
 @given(chunk=search_chunks, at_line_start=st.booleans())
 def test_the_search_finds_the_first_command_line_as_the_classifier_does(
         search: Search, chunk: bytes, at_line_start: bool) -> None:
-    expected = first_command_line(chunk, at_line_start)
-    assert search(chunk, at_line_start) == expected
-    assert protocol_module._search_command_line(chunk, at_line_start) == expected
+    assert search(chunk, at_line_start) == first_command_line(chunk, at_line_start)
 
 
 WORD = b"desconexion"
