@@ -13,6 +13,7 @@ message names host and port; the ``OSError`` or ``ssl.SSLError`` behind it is it
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import ssl
@@ -60,6 +61,40 @@ def client_ssl_context(cafile: str | None = None, insecure: bool = False) -> ssl
     return context
 
 
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """``socket.create_connection``, with each address's wait cut into slices (see
+    _WAIT_SLICE): Ctrl-C while connecting ends it at once. Each address gets *timeout*; when
+    none connects, the last one's error is raised, as there."""
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            deadline = time.monotonic() + timeout
+            error = sock.connect_ex(address)
+            if error == errno.EINPROGRESS:
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise socket.timeout("timed out")
+                    if poller.poll(min(remaining, _WAIT_SLICE) * 1000):
+                        break
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))  # its subclass: ConnectionRefusedError…
+            sock.settimeout(timeout)
+            return sock
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+        except BaseException:
+            sock.close()
+            raise
+    raise errors[-1] if errors else OSError(f"getaddrinfo gave no address for {host!r}")
+
+
 class UpperClient:
     """A connection to a tcp_upper server, opened on construction.
 
@@ -76,7 +111,7 @@ class UpperClient:
         self._where = format_address((host, port))
         self._buffer = bytearray()
         try:
-            sock = socket.create_connection((host, port), timeout)
+            sock = _connect(host, port, timeout)
         except OSError as exc:
             raise self._error(exc, "no se puede conectar") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
