@@ -73,15 +73,13 @@ typedef struct {
     Mapping *mappings;                  /* mappings[0] is the empty "unchanged" one */
     Py_ssize_t growth;                  /* most output bytes per input byte, for sizing */
     unsigned char starts_mapped[256];   /* 1 for a lead byte of some mapped code point */
-    uint16_t two_byte[0x800];           /* U+0080..U+07FF -> its 2-byte upper case, 0 if none,
-                                           LONGER if it is not 2 bytes (use mappings) */
     uint16_t pairs[0x10000];            /* two bytes as they lie in memory -> their upper case
                                            as it lies in memory, when the two are two ASCII
-                                           characters or one two-byte character that stays two
-                                           bytes; NOT_PAIR for anything else */
+                                           characters or one two-byte character whose upper
+                                           case is two bytes too; NOT_PAIR for anything else
+                                           (use mappings) */
 } Table;
 
-#define LONGER 1
 #define NOT_PAIR 0xFFFF  /* FF FF: never the upper case of a pair (FF is not in UTF-8) */
 
 static void
@@ -132,28 +130,33 @@ check_entry(PyObject *key, PyObject *value, long *cp)
     return 0;
 }
 
-/* table->pairs from ascii_upper and table->two_byte. Indexed and filled through memcpy, so it
- * is right whatever the CPU's byte order. */
+/* Where the two bytes at p are in table->pairs: read through memcpy, as the table is filled,
+ * so it is right whatever the CPU's byte order. */
+static inline uint16_t
+pair_index(const unsigned char *p)
+{
+    uint16_t index;
+    memcpy(&index, p, 2);
+    return index;
+}
+
+/* table->pairs before the mappings are known: two ASCII characters to ascii_upper of each, a
+ * two-byte character (C2-DF, 80-BF) to itself; compile_table then writes the two-byte
+ * characters that change. */
 static void
 fill_pairs(Table *table)
 {
     for (unsigned int a = 0; a < 256; a++) {
         for (unsigned int b = 0; b < 256; b++) {
             unsigned char raw[2] = {(unsigned char)a, (unsigned char)b}, upper[2] = {0xFF, 0xFF};
-            uint16_t index;
             if (a < 0x80 && b < 0x80) {
                 upper[0] = ascii_upper[a];
                 upper[1] = ascii_upper[b];
             }
             else if (a >= 0xC2 && a <= 0xDF && (b & 0xC0) == 0x80) {
-                unsigned int u = table->two_byte[((a & 0x1Fu) << 6) | (b & 0x3Fu)];
-                if (u != LONGER) {
-                    upper[0] = u ? (unsigned char)(u >> 8) : (unsigned char)a;
-                    upper[1] = u ? (unsigned char)u : (unsigned char)b;
-                }
+                memcpy(upper, raw, 2);
             }
-            memcpy(&index, raw, 2);
-            memcpy(&table->pairs[index], upper, 2);
+            memcpy(&table->pairs[pair_index(raw)], upper, 2);
         }
     }
 }
@@ -198,8 +201,10 @@ compile_table(PyObject *mapping)
         table_free(table);
         return PyErr_NoMemory();
     }
-    /* Second pass: fill the slots. The dict is ours to read only; nothing ran Python code
-     * since the first pass, so it holds the same entries. */
+    /* Second pass: fill the slots (and the pairs of the two-byte characters). The dict is ours
+     * to read only; nothing ran Python code since the first pass, so it holds the same
+     * entries. */
+    fill_pairs(table);
     pos = 0;
     while (PyDict_Next(mapping, &pos, &key, &value)) {
         Py_ssize_t size = PyBytes_GET_SIZE(value);
@@ -212,7 +217,14 @@ compile_table(PyObject *mapping)
         table->slots[table->block_of[cp >> BLOCK_BITS]][cp & (BLOCK - 1)] = (uint16_t)nmappings++;
         in = utf8_length(cp);
         if (in == 2) {  /* the common case, read without the two-level lookup */
-            table->two_byte[cp] = (uint16_t)(size == 2 ? (m->bytes[0] << 8) | m->bytes[1] : LONGER);
+            unsigned char raw[2] = {(unsigned char)(0xC0 | (cp >> 6)),
+                                    (unsigned char)(0x80 | (cp & 0x3F))};
+            if (size == 2) {
+                memcpy(&table->pairs[pair_index(raw)], m->bytes, 2);
+            }
+            else {
+                table->pairs[pair_index(raw)] = NOT_PAIR;
+            }
         }
         /* The lead byte of cp's UTF-8 (cp is at least 0x80: ASCII is never in the table). */
         table->starts_mapped[in == 2 ? 0xC0 | (cp >> 6) : in == 3 ? 0xE0 | (cp >> 12)
@@ -221,7 +233,6 @@ compile_table(PyObject *mapping)
             table->growth = (size + in - 1) / in;
         }
     }
-    fill_pairs(table);
     capsule = PyCapsule_New(table, CAPSULE_NAME, capsule_destructor);
     if (capsule == NULL) {
         table_free(table);
@@ -311,7 +322,7 @@ upper_sequence(const Table *table, const unsigned char **in_p, const unsigned ch
 /* Byte by byte from *in_p to at least stop (a sequence that starts before stop may end past
  * it): a byte that starts no mapped code point, or is not followed by a continuation byte (so
  * starts no valid sequence), goes through ascii_upper; a two-byte sequence is read from
- * two_byte; anything else is upper_sequence's. Returns 0 when out of room (see
+ * pairs; anything else is upper_sequence's. Returns 0 when out of room (see
  * upper_sequence). */
 static int
 upper_bytes(const Table *table, const unsigned char **in_p, const unsigned char *stop,
@@ -329,10 +340,9 @@ upper_bytes(const Table *table, const unsigned char **in_p, const unsigned char 
             continue;
         }
         if (c <= 0xDF) {
-            unsigned int upper = table->two_byte[((c & 0x1Fu) << 6) | (in[1] & 0x3Fu)];
-            if (upper != LONGER) {
-                o[0] = upper ? (unsigned char)(upper >> 8) : (unsigned char)c;
-                o[1] = upper ? (unsigned char)upper : in[1];
+            uint16_t upper = table->pairs[pair_index(in)];
+            if (upper != NOT_PAIR) {
+                memcpy(o, &upper, 2);
                 o += 2;
                 in += 2;
                 continue;
@@ -382,9 +392,7 @@ upper_text(const Table *table, const unsigned char **in_p, const unsigned char *
         }
         stop = end - in > PAIR_RUN ? in + PAIR_RUN : end - 1;  /* in[1] is inside */
         while (in < stop) {
-            uint16_t raw, upper;
-            memcpy(&raw, in, 2);
-            upper = table->pairs[raw];
+            uint16_t upper = table->pairs[pair_index(in)];
             if (upper == NOT_PAIR) {
                 break;
             }
@@ -532,11 +540,9 @@ upper_blocks(const Table *table, const unsigned char **in_p, const unsigned char
                     continue;
                 }
                 if (at[0] <= 0xDF) {
-                    unsigned int upper = table->two_byte[((at[0] & 0x1Fu) << 6)
-                                                         | (at[1] & 0x3Fu)];
-                    if (upper != LONGER) {  /* both bytes: the second may be past the block */
-                        o_at[0] = upper ? (unsigned char)(upper >> 8) : at[0];
-                        o_at[1] = upper ? (unsigned char)upper : at[1];
+                    uint16_t upper = table->pairs[pair_index(at)];
+                    if (upper != NOT_PAIR) {  /* both bytes: the second may be past the block */
+                        memcpy(o_at, &upper, 2);
                         if (at + 2 > reach) {
                             reach = at + 2;
                         }
