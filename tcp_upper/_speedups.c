@@ -62,6 +62,18 @@ static unsigned char ascii_upper[256];
 #define ANY_LEAD(word) \
     ((((word) & (0x7F * ONES)) + 0x3E * ONES) & (word) & ASCII_TOP_BITS)
 
+/* Eight bytes with a-z upper-cased, every other byte as it is. Of the seven low bits b of each
+ * byte, b + 1F has its top bit set when b >= 'a', b + 05 when b > 'z' (no carry into the next
+ * byte either way), so their top bits, less those of bytes whose own top bit is set, give the
+ * lower-case letters; moving that bit to 0x20 and flipping it upper-cases them. */
+static inline uint64_t
+ascii_upper_word(uint64_t word)
+{
+    uint64_t low = word & (0x7F * ONES);
+    uint64_t lower = (low + 0x1F * ONES) & ~(low + 0x05 * ONES) & ~word & ASCII_TOP_BITS;
+    return word ^ (lower >> 2);
+}
+
 typedef struct {
     unsigned char len;                  /* 0 in mapping 0: "unchanged" */
     unsigned char bytes[MAX_MAPPED];    /* the UTF-8 of the upper case */
@@ -363,10 +375,7 @@ upper_bytes(const Table *table, const unsigned char **in_p, const unsigned char 
  * two-byte character (up to PAIR_RUN bytes, then ASCII is tried again), then one character by
  * upper_bytes where they are neither (an ASCII byte before a two-byte character, a longer
  * sequence, an invalid byte). So each two-byte character costs one lookup and no branch that
- * depends on the text. Eight ASCII bytes: in each byte b (0..7F), b + 1F has its top bit set
- * when b >= 'a', b + 05 when b > 'z' (no carry into the next byte either way), so their top
- * bits give the lower-case letters, and moving that bit to 0x20 and flipping it upper-cases
- * them. Returns 0 when out of room. */
+ * depends on the text. Returns 0 when out of room. */
 #define PAIR_RUN 64
 static NOINLINE int
 upper_text(const Table *table, const unsigned char **in_p, const unsigned char *end,
@@ -379,13 +388,12 @@ upper_text(const Table *table, const unsigned char **in_p, const unsigned char *
     while (in < end && room) {
         const unsigned char *stop;
         while (end - in >= 8) {
-            uint64_t word, lower;
+            uint64_t word;
             memcpy(&word, in, 8);
             if (word & ASCII_TOP_BITS) {
                 break;
             }
-            lower = (word + 0x1F * ONES) & ~(word + 0x05 * ONES) & ASCII_TOP_BITS;
-            word ^= lower >> 2;
+            word = ascii_upper_word(word);
             memcpy(o, &word, 8);
             in += 8;
             o += 8;
@@ -459,10 +467,8 @@ block_pass_sse2(const unsigned char *in, unsigned char *o, uint64_t starts[MASK_
 }
 #endif
 
-/* The first pass over size bytes (a multiple of 8), eight at a time: of the seven low bits b of
- * each byte, b + 1F and b + 05 give a-z as in upper_text; a byte whose own top bit is set is
- * left alone. The bytes that may start a sequence are looked for only in words that hold a
- * byte C2 or above. */
+/* The first pass over size bytes (a multiple of 8), eight at a time (ascii_upper_word). The
+ * bytes that may start a sequence are looked for only in words that hold a byte C2 or above. */
 static void
 block_pass(const unsigned char *in, unsigned char *o, Py_ssize_t size, const unsigned char *end,
             uint64_t starts[MASK_WORDS])
@@ -471,12 +477,10 @@ block_pass(const unsigned char *in, unsigned char *o, Py_ssize_t size, const uns
 
     for (k = 0; k < size / 8; k++) {
         const unsigned char *w = in + 8 * k;
-        uint64_t word, low, lower;
+        uint64_t word;
         unsigned int leads = 0, j;
         memcpy(&word, w, 8);
-        low = word & (0x7F * ONES);
-        lower = (low + 0x1F * ONES) & ~(low + 0x05 * ONES) & ~word & ASCII_TOP_BITS;
-        memcpy(o + 8 * k, &(uint64_t){word ^ (lower >> 2)}, 8);
+        memcpy(o + 8 * k, &(uint64_t){ascii_upper_word(word)}, 8);
         if (!ANY_LEAD(word)) {
             continue;
         }
