@@ -35,7 +35,6 @@ _ERRORS = "surrogateescape"
 # text), as a table over its Latin-1 bytes: str.upper() takes a slow per-character path on such
 # text, a translation and two codec calls cost a fraction. µ (U+00B5 upper-cases to U+039C),
 # ß ("SS") and ÿ (U+0178) leave Latin-1, so text holding them takes the general path.
-# (The same trick as tcp_upper/protocol.py's _upper_text.)
 _LATIN1_UPPER = bytes.maketrans(bytes(range(256)), "".join(
     c if c in "\xb5\xdf\xff" else c.upper() for c in map(chr, range(256))).encode("latin-1"))
 _LATIN1_LEAVING = (0xB5, 0xDF, 0xFF)  # `int in bytes` is a memchr (unlike a regex set)

@@ -61,6 +61,17 @@ def client_ssl_context(cafile: str | None = None, insecure: bool = False) -> ssl
     return context
 
 
+def _poll_until(poller: select.poll, deadline: float) -> None:
+    """Wait until *poller* reports its socket ready, in slices (see _WAIT_SLICE); raise
+    ``socket.timeout`` at *deadline* (a ``time.monotonic()`` time)."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out")
+        if poller.poll(min(remaining, _WAIT_SLICE) * 1000):
+            return
+
+
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
     """``socket.create_connection``, with each address's wait cut into slices (see
     _WAIT_SLICE): Ctrl-C while connecting ends it at once. Each address gets *timeout*; when
@@ -75,12 +86,7 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
             if error == errno.EINPROGRESS:
                 poller = select.poll()
                 poller.register(sock, select.POLLOUT)
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise socket.timeout("timed out")
-                    if poller.poll(min(remaining, _WAIT_SLICE) * 1000):
-                        break
+                _poll_until(poller, deadline)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, os.strerror(error))  # its subclass: ConnectionRefusedError…
@@ -277,10 +283,7 @@ class UpperClient:
                 continue
             writing = (sent < len(view) and send_error is None) or read_wants_write
             poller.register(sock, select.POLLIN | (select.POLLOUT if writing else 0))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out")
-            poller.poll(min(remaining, _WAIT_SLICE) * 1000)
+            _poll_until(poller, deadline)
 
     def _take_line(self, newline: int) -> bytearray:
         line = self._buffer
