@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import threading
+from types import ModuleType
 from typing import Callable
 
 import pytest
@@ -36,13 +37,14 @@ def c_upper() -> Callable[[bytes], bytes]:
     """The C function bound to this Python's table (whatever TCP_UPPER_PURE_PYTHON says)."""
     if _speedups is None:
         pytest.skip("tcp_upper._speedups is not built (no C compiler at install time)")
-    return _c_upper()
+    return bound_upper(_speedups)
 
 
 @functools.cache
-def _c_upper() -> Callable[[bytes], bytes]:
-    assert _speedups is not None
-    return _speedups.make_upper(casing.upper_table())
+def bound_upper(build: ModuleType) -> Callable[[bytes], bytes]:
+    """*build*'s make_upper() bound to this Python's table, once per build of the extension."""
+    upper: Callable[[bytes], bytes] = build.make_upper(casing.upper_table())
+    return upper
 
 
 @pytest.fixture(params=["built", "portable"])
@@ -50,9 +52,7 @@ def c_build(request: pytest.FixtureRequest) -> Callable[[bytes], bytes]:
     """The C function as installed, and as built without SSE2 (the loops of other CPUs)."""
     if request.param == "built":
         return c_upper()
-    module = request.getfixturevalue("portable_speedups")
-    upper: Callable[[bytes], bytes] = module.make_upper(casing.upper_table())
-    return upper
+    return bound_upper(request.getfixturevalue("portable_speedups"))
 
 
 # Every way to upper-case that must agree with expected(): the public function, the C one, the
