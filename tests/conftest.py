@@ -167,33 +167,6 @@ def examples(wanted: int) -> int:
     return max(10, wanted * settings.default.max_examples // 100)
 
 
-#: Markers of the tests that load the machine or share its network set-up: they run one after
-#: another in one pytest-xdist worker (setup.cfg runs two), never beside each other.
-HEAVY_MARKERS = ("stress", "cluster", "netns")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
-            item.add_marker(pytest.mark.xdist_group("heavy"))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: object) -> None:
-    """pytest-xdist: a worker prints no summary, so the netns figures it measured (see
-    tests/test_netns.py) come back to the main process and are printed there."""
-    figures = getattr(node, "workeroutput", {}).get("netns_figures")
-    if figures:
-        from test_netns import FiguresReport
-
-        path, rows = figures
-        report = node.config.pluginmanager.get_plugin("netns-figures")
-        if report is None:
-            node.config.pluginmanager.register(FiguresReport(rows, Path(path)), "netns-figures")
-        elif report.rows is not rows:
-            report.rows.extend(rows)
-
-
 @pytest.fixture(scope="session")
 def portable_speedups(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
     """tcp_upper/_speedups.c built with -DTCP_UPPER_NO_SSE2: the plain C loops that CPUs without

@@ -148,13 +148,9 @@ def figures(request: pytest.FixtureRequest,
     """Each test's measured figures: JSON in the base temp directory, a table at the end."""
     rows: list[dict[str, Any]] = []
     path = tmp_path_factory.getbasetemp() / "netns-figures.json"
-    worker_output = getattr(request.config, "workeroutput", None)  # in a pytest-xdist worker
-    if worker_output is None:
-        request.config.pluginmanager.register(FiguresReport(rows, path), "netns-figures")
+    request.config.pluginmanager.register(FiguresReport(rows, path), "netns-figures")
     yield rows
     path.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
-    if worker_output is not None:  # tests/conftest.py prints them in the main process
-        worker_output["netns_figures"] = [str(path), rows]
 
 
 # -- what the clients saw ------------------------------------------------------------------
